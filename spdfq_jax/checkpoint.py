@@ -1,0 +1,33 @@
+"""Orbax save/restore for the resumable loops (synthesis, reconstruction, training).
+
+A loop owns one directory; it saves its whole state (a pytree of arrays and scalars)
+every few steps and, on start, resumes from the newest complete step if there is one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, max_to_keep: int = 1) -> ocp.CheckpointManager:
+  """A checkpoint manager for one loop's directory (created if missing)."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Saves `state` at `step` and waits, so a kill right after loses nothing saved."""
+  mgr.save(step, args=ocp.args.StandardSave(state))
+  mgr.wait_until_finished()
+
+
+def restore_latest(mgr: ocp.CheckpointManager, like: Any) -> Optional[tuple[int, Any]]:
+  """(step, state) of the newest checkpoint, shaped like `like`; None when there is none."""
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  return step, mgr.restore(step, args=ocp.args.StandardRestore(like))

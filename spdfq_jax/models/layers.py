@@ -1,0 +1,100 @@
+"""Building blocks shared by ViT/DeiT and Swin.
+
+Every place where quantization may act is a named *point*: a module built from the
+model's `point` factory and called on the tensor that flows through it. The default
+factory is `Point`, the identity, so the FP model carries no extra variables and no
+extra cost. The quantization package passes its own factory (same call signature)
+to turn the same module into a fake-quantized one without renaming any parameter.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Kinds of quant points; a quantizer factory may treat them differently.
+ACT = "act"          # input of a linear layer or an attention-matmul operand
+POST_LN = "post_ln"  # input of a linear layer that directly follows a LayerNorm
+SOFTMAX = "softmax"  # post-softmax attention probabilities
+
+PointFactory = Callable[..., nn.Module]
+
+
+class Point(nn.Module):
+  """Identity quant point: marks a tensor that quantization may wrap."""
+  kind: str = ACT
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as in timm."""
+  return nn.gelu(x, approximate=False)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU -> fc2, with quant points on both inputs."""
+  hidden_dim: int
+  out_dim: int
+  point: PointFactory = Point
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.point(kind=POST_LN, name="fc1_in")(x)
+    x = gelu(nn.Dense(self.hidden_dim, name="fc1")(x))
+    x = self.point(kind=ACT, name="fc2_in")(x)
+    return nn.Dense(self.out_dim, name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with the two matmuls exposed.
+
+  Sows the post-softmax attention `(B, heads, N, N)` as `intermediates/attn` and the
+  attention output `attn @ v` merged over heads `(B, N, D)` as `intermediates/attn_v`;
+  sowing costs nothing unless the caller marks `intermediates` mutable.
+  `bias` (added to the logits, broadcast over the batch) carries Swin's relative
+  position bias and shift mask.
+  """
+  num_heads: int
+  window_size: Optional[int] = None  # Swin: adds a learned relative position bias
+  point: PointFactory = Point
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    b, n, d = x.shape
+    if self.window_size is not None:
+      ws = self.window_size
+      table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                         ((2 * ws - 1) ** 2, self.num_heads))
+      rel = table[relative_position_index(ws).reshape(-1)].reshape(n, n, self.num_heads)
+      rel = rel.transpose(2, 0, 1)[None]
+      bias = rel if bias is None else bias + rel
+    hd = d // self.num_heads
+    x = self.point(kind=POST_LN, name="qkv_in")(x)
+    qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.num_heads, hd)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd)
+    q = self.point(kind=ACT, name="q")(q * hd ** -0.5)
+    k = self.point(kind=ACT, name="k")(k)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    if bias is not None:
+      logits = logits + bias
+    attn = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "attn", attn)
+    attn = self.point(kind=SOFTMAX, name="softmax")(attn)
+    v = self.point(kind=ACT, name="v")(v)
+    out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, n, d)
+    self.sow("intermediates", "attn_v", out)
+    out = self.point(kind=ACT, name="proj_in")(out)
+    return nn.Dense(d, name="proj")(out)
+
+
+def relative_position_index(window_size: int) -> np.ndarray:
+  """(N, N) index into Swin's relative position table, N = window_size**2."""
+  coords = np.stack(np.meshgrid(np.arange(window_size), np.arange(window_size), indexing="ij"))
+  coords = coords.reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window_size - 1)
+  return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
