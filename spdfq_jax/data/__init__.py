@@ -1,0 +1,1 @@
+"""Datasets: ImageNet evaluation (imagenet.py) and the Fashion-MNIST test bed (fashion_mnist.py)."""

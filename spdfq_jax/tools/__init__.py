@@ -1,0 +1,1 @@
+"""Command-line tools that are not part of the main pipeline (e.g. training the test-bed models)."""
