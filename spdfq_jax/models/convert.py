@@ -1,0 +1,359 @@
+"""Checkpoints -> (Flax module, params): timm, original DeiT / Swin, Google AugReg, ours.
+
+Every format is first turned into a nested dict of numpy arrays in our layout, then
+checked against the module's expected param tree, so that a wrong file fails once,
+with every missing, unused and misshaped key listed, instead of deep inside `apply`.
+Nothing here touches the network: weights come from local files only.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spdfq_jax.models import native, zoo
+
+ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS = ("fmnist_vit", "fmnist_swin")  # built-in small models, in our native format
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Keys that timm / the original repos store but our modules recompute.
+_BUFFERS = ("relative_position_index", "attn_mask")
+# Wrappers around the state dict in training checkpoints (DeiT, Swin: 'model').
+_NESTING = ("model", "state_dict", "model_ema", "state_dict_ema")
+
+Params = dict[str, Any]
+NameOrModule = Union[str, zoo.Model]
+
+
+# ----------------------------------------------------------------------------- reading files
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy (float32 for bf16, which numpy lacks)."""
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except Exception:  # e.g. bf16, which safetensors.numpy refuses: read the raw bytes instead
+    return _read_safetensors_raw(path)
+
+
+def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
+  import json
+  import ml_dtypes
+  dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+            "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    data = f.read()
+  out = {}
+  for k, info in header.items():
+    if k == "__metadata__":
+      continue
+    lo, hi = info["data_offsets"]
+    arr = np.frombuffer(data[lo:hi], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+    out[k] = arr.astype(np.float32) if info["dtype"] == "BF16" else arr.copy()
+  return out
+
+
+def read_torch(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch checkpoint's state dict as numpy; needs torch, imported only here."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f"Reading {path} (a PyTorch checkpoint) needs torch: `pip install -e .[parity]` "
+        "(or `pip install torch`), or convert the file to .safetensors first.") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickles with arbitrary objects are refused on purpose
+    raise ValueError(f"{path}: torch.load(weights_only=True) failed ({e}). Re-save only the "
+                     "state dict (torch.save(sd, path)) or convert it to .safetensors.") from e
+  sd = unnest(obj)
+  out = {}
+  for k, v in sd.items():
+    if isinstance(v, torch.Tensor):
+      v = v.detach().cpu()
+      out[k] = (v.float() if v.is_floating_point() else v).numpy()
+  return out
+
+
+def unnest(sd: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The state dict inside a training checkpoint ({'model': sd, ...}), 'module.' stripped."""
+  for key in _NESTING:
+    if key in sd and isinstance(sd[key], Mapping):
+      sd = sd[key]
+      break
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  return sd
+
+
+# ----------------------------------------------------------------------------- timm / torch
+def _set(tree: dict, path: Iterable[str], value: Any) -> None:
+  *parents, leaf = path
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
+
+
+def timm_key_to_path(key: str, family: str) -> list[str]:
+  """'blocks.3.attn.qkv.weight' -> ['blocks_3', 'attn', 'qkv', 'weight'] (leaf renamed later)."""
+  parts, out, i = key.split("."), [], 0
+  while i < len(parts):
+    if parts[i] in ("blocks", "layers") and i + 1 < len(parts) and parts[i + 1].isdigit():
+      out.append(f"{parts[i]}_{parts[i + 1]}")
+      i += 2
+    else:
+      out.append(parts[i])
+      i += 1
+  if family == "vit" and out[:2] == ["patch_embed", "proj"]:
+    out = ["patch_embed"] + out[2:]  # our ViT patch embedding is the conv itself
+  if out[:2] == ["head", "fc"]:
+    out = ["head"] + out[2:]  # timm >= 0.9 Swin wraps the classifier in a ClassifierHead
+  return out
+
+
+def timm_value(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """torch layouts -> Flax: Linear (out, in) -> kernel (in, out), conv OIHW -> HWIO."""
+  value = np.asarray(value)
+  if np.issubdtype(value.dtype, np.floating):
+    value = value.astype(np.float32)
+  if leaf != "weight":
+    return leaf, value
+  if value.ndim == 2:
+    return "kernel", value.T
+  if value.ndim == 4:
+    return "kernel", value.transpose(2, 3, 1, 0)
+  return "scale", value  # LayerNorm
+
+
+def original_swin_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """Microsoft Swin (and timm < 0.9) -> timm >= 0.9 keys.
+
+  The original repo merges patches at the END of stage i ('layers.i.downsample'), timm
+  at the START of stage i + 1; the classifier is 'head' rather than 'head.fc'.
+  """
+  out = {}
+  for k, v in sd.items():
+    k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+    out[k] = v
+  return out
+
+
+def timm_to_flax(sd: Mapping[str, np.ndarray], family: str) -> Params:
+  """A timm-style state dict (any of the supported layouts) -> our nested params."""
+  sd = unnest(sd)
+  if family == "swin" and "layers.0.downsample.reduction.weight" in sd:
+    sd = original_swin_keys(sd)
+  params: Params = {}
+  for key, value in sd.items():
+    if any(b in key for b in _BUFFERS):
+      continue
+    *path, leaf = timm_key_to_path(key, family)
+    leaf, value = timm_value(leaf, value)
+    _set(params, path + [leaf], value)
+  return params
+
+
+def detect_family(sd: Mapping[str, Any]) -> str:
+  return "swin" if any(k.startswith("layers.") for k in unnest(sd)) else "vit"
+
+
+# ----------------------------------------------------------------------------- AugReg .npz
+def _npz_prefix(w: Mapping[str, Any]) -> str:
+  for prefix in ("", "opt/target/", "params/"):
+    if f"{prefix}embedding/kernel" in w:
+      return prefix
+  raise ValueError("not a ViT .npz checkpoint: no 'embedding/kernel' (with prefix '', "
+                   "'opt/target/' or 'params/').")
+
+
+def augreg_to_flax(w: Mapping[str, np.ndarray]) -> tuple[Params, list[str]]:
+  """Google ViT .npz (vit_jax layout, or big_vision's) -> (our params, unused npz keys).
+
+  vit_jax: Transformer/encoderblock_i/{LayerNorm_0, MultiHeadDotProductAttention_1,
+  LayerNorm_2, MlpBlock_3}, pos_embedding with the class token row. big_vision
+  ('params/' prefix): {LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+  MlpBlock_0}, pos_embedding without that row (the class token gets none), and blocks
+  optionally stacked under Transformer/encoderblock (scan).
+  """
+  prefix = _npz_prefix(w)
+  big_vision = (prefix == "params/" or f"{prefix}pos_embedding" in w
+                or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w)
+  mha, ln2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision \
+      else ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+  used: set[str] = set()
+
+  def take(key: str, idx: Optional[int] = None) -> Optional[np.ndarray]:
+    if prefix + key not in w:
+      return None
+    used.add(prefix + key)
+    v = np.asarray(w[prefix + key], np.float32)
+    return v if idx is None else v[idx]
+
+  p: Params = {}
+
+  def put(path: str, value: Optional[np.ndarray]) -> None:
+    if value is not None:
+      _set(p, path.split("/"), value)
+
+  put("patch_embed/kernel", take("embedding/kernel"))
+  put("patch_embed/bias", take("embedding/bias"))
+  put("cls_token", take("cls"))
+  pos = take("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
+  if pos is not None:
+    pos = pos.reshape(1, -1, pos.shape[-1])
+    if int(np.sqrt(pos.shape[1])) ** 2 == pos.shape[1]:  # grid only: give the class token 0
+      pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+    put("pos_embed", pos)
+  put("norm/scale", take("Transformer/encoder_norm/scale"))
+  put("norm/bias", take("Transformer/encoder_norm/bias"))
+  put("head/kernel", take("head/kernel"))
+  put("head/bias", take("head/bias"))
+
+  scan = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+  if scan:
+    depth = w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+  else:
+    ids = [int(m.group(1)) for k in w if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", k))]
+    depth = max(ids) + 1 if ids else 0
+  for i in range(depth):
+    src = "Transformer/encoderblock/" if scan else f"Transformer/encoderblock_{i}/"
+    idx = i if scan else None
+    t = lambda k: take(src + k, idx)  # noqa: E731
+    dst = f"blocks_{i}/"
+    for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", ln2)):
+      put(dst + ours + "/scale", t(theirs + "/scale"))
+      put(dst + ours + "/bias", t(theirs + "/bias"))
+    qkv_k = [t(f"{mha}/{n}/kernel") for n in ("query", "key", "value")]
+    qkv_b = [t(f"{mha}/{n}/bias") for n in ("query", "key", "value")]
+    if all(x is not None for x in qkv_k):  # (D, heads, hd) each -> (D, 3D)
+      put(dst + "attn/qkv/kernel", np.concatenate([x.reshape(x.shape[0], -1) for x in qkv_k], 1))
+    if all(x is not None for x in qkv_b):
+      put(dst + "attn/qkv/bias", np.concatenate([x.reshape(-1) for x in qkv_b]))
+    out_k = t(f"{mha}/out/kernel")  # (heads, hd, D)
+    put(dst + "attn/proj/kernel", None if out_k is None else out_k.reshape(-1, out_k.shape[-1]))
+    put(dst + "attn/proj/bias", t(f"{mha}/out/bias"))
+    for j, fc in enumerate(("fc1", "fc2")):
+      put(dst + f"mlp/{fc}/kernel", t(f"{mlp}/Dense_{j}/kernel"))
+      put(dst + f"mlp/{fc}/bias", t(f"{mlp}/Dense_{j}/bias"))
+  unused = sorted(k for k in w if k.startswith(prefix) and k not in used)
+  return p, unused
+
+
+# ----------------------------------------------------------------------------- checking
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+  """'/'-joined param path -> shape, from an abstract init (no memory, no compute)."""
+  size = module.img_size
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  tree = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def check(module: nn.Module, params: Params, unused: Iterable[str] = (), source: str = "") -> None:
+  """Raises one ValueError listing every missing, unused and wrongly shaped key."""
+  want = expected_shapes(module)
+  got = flax.traverse_util.flatten_dict(params, sep="/")
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want)) + list(unused)
+  wrong = [f"{k}: checkpoint {tuple(np.shape(got[k]))}, model {want[k]}"
+           for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != want[k]]
+  if not (missing or extra or wrong):
+    return
+  lines = [f"Checkpoint {source or ''} does not match {type(module).__name__} "
+           f"({len(missing)} missing, {len(extra)} unused, {len(wrong)} wrongly shaped):"]
+  for title, items in (("missing", missing), ("unused", extra), ("wrong shape", wrong)):
+    lines += [f"  {title}: {item}" for item in items]
+  raise ValueError("\n".join(lines))
+
+
+def num_classes_of(params: Params) -> Optional[int]:
+  head = params.get("head", {})
+  return int(head["kernel"].shape[-1]) if "kernel" in head else None
+
+
+# ----------------------------------------------------------------------------- entry point
+def _base_module(name: NameOrModule) -> Optional[zoo.Model]:
+  if isinstance(name, nn.Module):
+    return name
+  if name in zoo.REGISTRY:
+    return zoo.build(name)
+  return None
+
+
+def resolve(name: NameOrModule, path: Optional[str]) -> str:
+  """The file to read: `path`, or the built-in asset file of `name`."""
+  if isinstance(name, str) and name not in zoo.REGISTRY and name not in ASSETS:
+    raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(zoo.names())}; "
+                     f"built-in assets: {', '.join(ASSETS)}; or pass a module "
+                     "(zoo.custom_vit(...) / zoo.custom_swin(...)).")
+  if path is None:
+    if isinstance(name, str) and name in ASSETS:
+      path = os.path.join(ASSET_DIR, f"{name}.safetensors")
+      if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Built-in asset {name!r} is missing: expected {path} (a spdfq_jax .safetensors "
+            "written by spdfq_jax.models.native.save). Train or copy it there first.")
+      return path
+    tag = zoo.entry(name).checkpoint_tag if isinstance(name, str) else "the matching timm model"
+    raise FileNotFoundError(
+        f"No checkpoint path for {name!r}: nothing is downloaded at run time. Get "
+        f"{tag} (e.g. model.safetensors from huggingface.co/timm/{tag}) and pass its path.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint not found: {path}")
+  return path
+
+
+def load(name: NameOrModule, path: Optional[str] = None, **overrides: Any) -> tuple[zoo.Model, Params]:
+  """(module, params) for a registry name, a built-in asset or a given module.
+
+  `path`: timm .safetensors; timm / original DeiT / original Swin .pth (needs torch);
+  Google AugReg .npz (ViT); or our own .safetensors, whose metadata rebuilds the module.
+  num_classes comes from the checkpoint's head; `overrides` (e.g. point) are applied last.
+  Params are float32 numpy arrays in the module's layout.
+  """
+  path = resolve(name, path)
+  unused: list[str] = []
+  if path.endswith(".safetensors") and native.read_metadata(path) is not None:
+    module, params, _ = native.load(path)
+    return _finish(module, params, unused, path, overrides, infer_classes=False)
+  base = _base_module(name)
+  if base is None:
+    raise ValueError(f"{path} is not a spdfq_jax checkpoint, which built-in asset {name!r} must be.")
+  family = "swin" if isinstance(base, zoo.SwinTransformer) else "vit"
+  if path.endswith(".safetensors"):
+    params = timm_to_flax(read_safetensors(path), family)
+  elif path.endswith(TORCH_SUFFIXES):
+    params = timm_to_flax(read_torch(path), family)
+  elif path.endswith(".npz"):
+    if family != "vit":
+      raise ValueError(f"{path}: .npz checkpoints are Google ViTs; {name!r} is a Swin.")
+    with np.load(path, allow_pickle=False) as f:
+      params, unused = augreg_to_flax(dict(f))
+  else:
+    raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, "
+                     f"{'/'.join(TORCH_SUFFIXES)} or .npz.")
+  return _finish(base, params, unused, path, overrides, infer_classes=True)
+
+
+def _finish(module: zoo.Model, params: Params, unused: list[str], path: str,
+            overrides: Mapping[str, Any], infer_classes: bool) -> tuple[zoo.Model, Params]:
+  classes = num_classes_of(params)
+  if infer_classes and classes is not None and "num_classes" not in overrides:
+    module = module.clone(num_classes=classes)
+  if overrides:
+    module = module.clone(**overrides)
+  check(module, params, unused, source=path)
+  return module, params
+
+
+def load_state_dict(module: zoo.Model, sd: Mapping[str, np.ndarray]) -> tuple[zoo.Model, Params]:
+  """(module, params) from an in-memory timm-style state dict (numpy values)."""
+  family = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  return _finish(module, timm_to_flax(sd, family), [], "<state dict>", {}, infer_classes=True)
