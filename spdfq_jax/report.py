@@ -1,0 +1,216 @@
+"""What a run leaves behind for people: report.json, report.md, metrics, image grids.
+
+The JSON is the record (numbers in percent, timings in seconds, the machine and package
+versions, so a figure can be traced); the markdown is the same content as tables. Metrics
+stream to `metrics.jsonl` and, when tensorflow is importable, to TensorBoard.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+PACKAGES = ("spdfq_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "ml-collections", "tensorflow-datasets", "tensorflow-cpu", "tensorflow")
+
+# Columns of the result table: (key in a row, header, format).
+RESULT_COLUMNS = (("model", "model", "{}"), ("method", "method", "{}"),
+                  ("bits", "W/A", "{}"), ("num_images", "images", "{}"),
+                  ("fp_top1", "FP top-1", "{:.2f}"), ("quant_top1", "quant top-1", "{:.2f}"),
+                  ("quant_top5", "quant top-5", "{:.2f}"), ("paper_top1", "paper", "{:.2f}"))
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
+  """Installed versions of the packages a result depends on (missing ones left out)."""
+  out = {}
+  for name in names:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def machine() -> dict[str, Any]:
+  """Accelerator kind and count, hosts, and the host's platform: where a number came from."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {"device_kind": devices[0].device_kind, "device_count": len(devices),
+          "platform": devices[0].platform, "process_count": jax.process_count(),
+          "host": platform.node(), "cpu_count": os.cpu_count(),
+          "python": platform.python_version()}
+
+
+def now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _cell(value: Any, fmt: str) -> str:
+  if value is None or (isinstance(value, float) and np.isnan(value)):
+    return "-"
+  try:
+    return fmt.format(value)
+  except (ValueError, TypeError):
+    return str(value)
+
+
+def table(rows: Sequence[Mapping[str, Any]],
+          columns: Sequence[tuple[str, str, str]] = RESULT_COLUMNS) -> str:
+  """A markdown table of `rows`; columns that no row has are dropped, missing cells are '-'."""
+  columns = [c for c in columns if any(c[0] in r for r in rows)]
+  lines = ["| " + " | ".join(c[1] for c in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
+  return "\n".join(lines)
+
+
+def bits_label(w_bits: int, a_bits: int) -> str:
+  return f"W{w_bits}A{a_bits}"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+  """report.md: result table, stage timings per row, then where and with what it ran."""
+  rows = [dict(r, bits=bits_label(r["w_bits"], r["a_bits"])) for r in report["rows"]]
+  parts = [f"# {report.get('title', 'SPDFQ run')}", ""]
+  if report.get("description"):
+    parts += [report["description"], ""]
+  parts += [table(rows), ""]
+  stages = sorted({s for r in rows for s in r.get("timings", {})},
+                  key=lambda s: list(STAGE_ORDER).index(s) if s in STAGE_ORDER else 99)
+  if stages:
+    cols = [("method", "method", "{}"), ("bits", "W/A", "{}")] + [
+        (f"t_{s}", f"{s} (s)", "{:.1f}") for s in stages]
+    timing_rows = [dict(r, **{f"t_{s}": r["timings"].get(s) for s in stages}) for r in rows]
+    parts += ["## Stage timings", "", table(timing_rows, cols), ""]
+  env = report.get("machine", {})
+  parts += ["## Run", "",
+            f"- date: {report.get('date', '-')}",
+            f"- workdir: `{report.get('workdir', '-')}`",
+            f"- config: `{report.get('config_name', '-')}`",
+            f"- devices: {env.get('device_count', '-')} x {env.get('device_kind', '-')} "
+            f"({env.get('process_count', 1)} host(s)), host cpus {env.get('cpu_count', '-')}",
+            f"- total time: {_cell(report.get('total_seconds'), '{:.1f}')} s",
+            "- packages: " + ", ".join(f"{k} {v}" for k, v in report.get("packages", {}).items()),
+            ""]
+  return "\n".join(parts)
+
+
+STAGE_ORDER = ("load", "fp_eval", "synthesize", "calibrate", "quantize", "evaluate", "export")
+
+
+def write(workdir: str, report: Mapping[str, Any]) -> tuple[str, str]:
+  """Writes report.json and report.md into `workdir` (atomically); returns their paths."""
+  json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
+  _atomic_write(json_path, json.dumps(to_jsonable(report), indent=2, sort_keys=False) + "\n")
+  _atomic_write(md_path, markdown(report))
+  return json_path, md_path
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def to_jsonable(x: Any) -> Any:
+  """numpy/jax scalars and arrays, tuples, ConfigDicts -> plain JSON types."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return np.asarray(x).tolist()
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _atomic_write(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+class MetricsWriter:
+  """Scalars to `<workdir>/metrics.jsonl` (one JSON object per line) and TensorBoard."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = None
+    if tensorboard:
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+        self._tf = tf
+        # tf.summary.scalar lives in the tensorboard package; the core op plus the scalars
+        # plugin tag writes the same event without it.
+        self._scalar_meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      except Exception:  # pylint: disable=broad-except  # no tensorflow: JSON lines only
+        self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
+    record = {"step": int(step), "time": now()}
+    record.update({prefix + k: to_jsonable(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in scalars.items():
+          if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            self._tf.summary.write(prefix + k, self._tf.constant(float(v), self._tf.float32),
+                                   step=int(step), metadata=self._scalar_meta)
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def image_grid(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+               cols: int = 8) -> np.ndarray:
+  """Normalised NHWC images -> one uint8 grid (un-normalised, clipped) for a PNG."""
+  x = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  n, h, w, c = x.shape
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
+  return grid
+
+
+def save_image_grid(path: str, images: np.ndarray, mean: Sequence[float],
+                    std: Sequence[float], cols: int = 8) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(image_grid(images, mean, std, cols)).save(path)
