@@ -126,9 +126,9 @@ def timm_value(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   if leaf != "weight":
     return leaf, value
   if value.ndim == 2:
-    return "kernel", value.T
+    return "kernel", np.ascontiguousarray(value.T)
   if value.ndim == 4:
-    return "kernel", value.transpose(2, 3, 1, 0)
+    return "kernel", np.ascontiguousarray(value.transpose(2, 3, 1, 0))
   return "scale", value  # LayerNorm
 
 

@@ -23,7 +23,8 @@ META_KEY = "spdfq_jax"
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+  # Contiguous copies: safetensors writes a strided (e.g. transposed) array's raw buffer.
+  return {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
