@@ -202,8 +202,8 @@ def test_pth_without_torch_says_what_to_install(tmp_path, monkeypatch):
     models.load("deit_tiny_patch16_224", str(path))
 
 
-def test_pth_with_torch(vit, swin, tmp_path):
-  """timm/DeiT .pth ({'model': sd}) and the original Swin .pth; only where torch is."""
+def test_pth_with_torch(vit, tmp_path):
+  """A DeiT-style .pth ({'model': sd}); only where torch is installed."""
   torch = pytest.importorskip("torch")
   module, params, sd, ref = vit
   path = str(tmp_path / "deit.pth")

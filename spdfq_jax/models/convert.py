@@ -160,10 +160,6 @@ def timm_to_flax(sd: Mapping[str, np.ndarray], family: str) -> Params:
   return params
 
 
-def detect_family(sd: Mapping[str, Any]) -> str:
-  return "swin" if any(k.startswith("layers.") for k in unnest(sd)) else "vit"
-
-
 # ----------------------------------------------------------------------------- AugReg .npz
 def _npz_prefix(w: Mapping[str, Any]) -> str:
   for prefix in ("", "opt/target/", "params/"):
