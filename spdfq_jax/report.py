@@ -101,7 +101,8 @@ def markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
-STAGE_ORDER = ("load", "fp_eval", "synthesize", "calibrate", "quantize", "evaluate", "export")
+STAGE_ORDER = ("load", "fp_eval", "real_images", "synthesize", "calibrate", "reparam", "reconstruct",
+               "quantize", "evaluate", "export")
 
 
 def write(workdir: str, report: Mapping[str, Any]) -> tuple[str, str]:

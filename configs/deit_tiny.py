@@ -1,0 +1,19 @@
+"""DeiT-T/16 (deit_tiny_patch16_224): SPDFQ, 32 synthetic images, bits from the config argument.
+
+  python -m spdfq_jax.main --config=configs/deit_tiny.py:w4a4 \
+      --config.model.checkpoint=checkpoints/deit_tiny_patch16_224.fb_in1k/model.safetensors \
+      --config.data.dir=data/imagenet
+
+Paper, ImageNet top-1 (%): FP 72.21; W4A4 SPDFQ 52.06 (PSAQ-ViT 47.75, noise 17.43); W6A6
+not reported; W3A3 not reported.
+Other methods on the same quantization stage: --config.methods=noise,psaq,spdfq.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg: str = "w4a4"):
+  return common.paper_model_config("deit_tiny", arg)

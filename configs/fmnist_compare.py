@@ -1,0 +1,25 @@
+"""Every calibration source on the built-in Fashion-MNIST ViT, at W4A4 and W3A3, one table.
+
+  python -m spdfq_jax.main --config=configs/fmnist_compare.py
+
+Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), and 32
+real training images as the upper reference; all 32 images, all through the same (best)
+quantization stage: scale reparameterisation + block-wise reconstruction. The table it
+printed is in README.md, next to the paper's ImageNet table (docs/method.md), whose
+ordering (noise < PSAQ-ViT < SPDFQ < real) is what this small test bed can check.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fmnist_w4a4  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=None):
+  c = fmnist_w4a4.get_config(arg)
+  c.title = "Fashion-MNIST ViT: calibration sources at W4A4 and W3A3"
+  c.methods = "noise,inversion,psaq,spdfq,real"
+  c.bits = "w4a4,w3a3"
+  c.paper_top1 = None
+  return c

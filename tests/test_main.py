@@ -1,0 +1,156 @@
+"""Pipeline wiring: stage skipping and resumption, rows, reports (stages faked, data real)."""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from spdfq_jax import main
+from spdfq_jax.models import zoo
+from spdfq_jax.synth import config as synth_config
+from spdfq_jax.quant import config as quant_config
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+    reason="needs the Fashion-MNIST IDX files")
+
+TINY = dict(img_size=32, patch_size=8, width=16, depth=2, num_heads=2, num_classes=10)
+
+
+@functools.lru_cache(None)
+def _tiny_model():
+  module = zoo.custom_vit(**TINY)
+  init = jax.jit(module.init)
+  return module, init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32))["params"]
+
+
+class Killed(Exception):
+  pass
+
+
+class FakeStages:
+  """Stage functions with the real signatures; quantize can be 'killed' once midway."""
+
+  def __init__(self, kill_quantize=False):
+    self.calls = {"generate": 0, "quantize": 0, "export": 0}
+    self.kill_quantize = kill_quantize
+
+  def stages(self):
+    return main.Stages(self.load_model, synth_config.default_config, self.generate,
+                       quant_config.default_config, self.quantize, self.export)
+
+  def load_model(self, name, path=None):
+    return _tiny_model()
+
+  def generate(self, module, params, cfg, workdir=None):
+    self.calls["generate"] += 1
+    path = os.path.join(workdir, "synthetic", "result.npz")
+    if not os.path.exists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      rng = np.random.default_rng(cfg.seed)
+      np.savez(path, images=rng.normal(size=(cfg.num_images, 32, 32, 1)).astype(np.float32))
+    class R:
+      images = np.load(path)["images"]
+    return R
+
+  def quantize(self, module, params, images, cfg, workdir=None):
+    """'Reconstruction' in two halves with a checkpoint between them, like the real loop."""
+    self.calls["quantize"] += 1
+    os.makedirs(workdir, exist_ok=True)
+    marker = os.path.join(workdir, "half.json")
+    if not os.path.exists(marker):
+      with open(marker, "w") as f:
+        json.dump({"scale": 1.0 + cfg.weights.bits}, f)
+      if self.kill_quantize:
+        raise Killed()
+    scale = json.load(open(marker))["scale"]
+    apply = jax.jit(module.apply)
+    class Q:
+      timings = {"calibrate": 0.1, "reconstruct": 0.2}
+      variables = {"params": params}
+      def logits(self, x):
+        return apply({"params": params}, x) * scale
+    return Q()
+
+  def export(self, path, qmodel):
+    self.calls["export"] += 1
+    open(path, "w").write("q")
+
+
+def _config(methods="spdfq", bits=""):
+  from configs import fmnist_w4a4
+  c = fmnist_w4a4.get_config()
+  c.unlock()
+  c.methods, c.bits = methods, bits
+  c.eval.limit = 123  # not a multiple of the batch
+  c.eval.batch_size = 50
+  c.num_images = 4
+  return c
+
+
+def _stable(report):
+  keys = ("model", "method", "w_bits", "a_bits", "num_images", "fp_top1", "quant_top1",
+          "fp_top5", "quant_top5")
+  return [{k: r[k] for k in keys} for r in report["rows"]], {k: report[k] for k in keys}
+
+
+def test_single_row_report_and_skip(tmp_path):
+  fake = FakeStages()
+  out = main.run(_config(), str(tmp_path), fake.stages(), config_name="fmnist_w4a4")
+  data = json.load(open(tmp_path / "report.json"))
+  for k in ("model", "method", "w_bits", "a_bits", "num_images", "fp_top1", "quant_top1",
+            "fp_top5", "quant_top5", "device_kind", "device_count", "packages", "timings"):
+    assert k in data, k
+  assert data["method"] == "spdfq" and data["w_bits"] == 4 and data["num_images"] == 4
+  assert data["rows"][0]["eval_count"] == 123 and data["fp_eval_count"] == 123
+  assert {"synthesize", "quantize", "evaluate", "export", "reconstruct"} <= set(data["timings"])
+  assert "| fmnist_vit | spdfq | W4A4 | 4 |" in open(tmp_path / "report.md").read()
+  assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}
+  again = main.run(_config(), str(tmp_path), fake.stages())
+  assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}  # everything skipped
+  assert _stable(again) == _stable(out)
+  assert again["rows"][0]["timings"] == out["rows"][0]["timings"]
+
+
+def test_killed_run_resumes_to_the_same_report(tmp_path):
+  ref = main.run(_config(), str(tmp_path / "ref"), FakeStages().stages())
+  fake = FakeStages(kill_quantize=True)
+  with pytest.raises(Killed):
+    main.run(_config(), str(tmp_path / "w"), fake.stages())
+  assert not (tmp_path / "w" / "report.json").exists()
+  fake.kill_quantize = False
+  out = main.run(_config(), str(tmp_path / "w"), fake.stages())
+  assert fake.calls["generate"] == 2 and fake.calls["quantize"] == 2
+  assert _stable(out) == _stable(ref)
+
+
+def test_rows_and_overrides_get_their_own_directories(tmp_path):
+  fake = FakeStages()
+  out = main.run(_config("noise,spdfq", "w4a4,w3a3"), str(tmp_path), fake.stages())
+  assert [(r["method"], r["w_bits"]) for r in out["rows"]] == [
+      ("noise", 4), ("spdfq", 4), ("noise", 3), ("spdfq", 3)]
+  assert fake.calls["generate"] == 4 and fake.calls["quantize"] == 4
+  assert len(os.listdir(tmp_path / "synthetic")) == 2  # shared across bit settings
+  c = _config()
+  c.synth.iterations = 10
+  main.run(c, str(tmp_path), fake.stages())
+  assert len(os.listdir(tmp_path / "synthetic")) == 3  # a changed setting never reuses
+
+
+def test_real_row_reads_training_images(tmp_path):
+  fake = FakeStages()
+  out = main.run(_config("real"), str(tmp_path), fake.stages())
+  assert fake.calls["generate"] == 0 and out["rows"][0]["num_images"] == 4
+  (real_dir,) = os.listdir(tmp_path / "synthetic")
+  assert real_dir.startswith("real-")
+  assert os.path.exists(tmp_path / "synthetic" / real_dir / "grid.png")
+
+
+def test_default_workdir_and_bits():
+  assert main.default_workdir("configs/vit_base.py:w6a6") == os.path.join("workdirs", "vit_base_w6a6")
+  assert main.default_workdir("configs/fmnist_w4a4.py") == os.path.join("workdirs", "fmnist_w4a4")
+  assert main.parse_bits("w4a4, W3A3") == [(4, 4), (3, 3)]
+  with pytest.raises(ValueError):
+    main.parse_bits("4/4")
