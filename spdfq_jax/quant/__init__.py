@@ -1,0 +1,1 @@
+"""Quantization engine: fake quantizers, calibration, reparameterisation, reconstruction, export."""

@@ -1,0 +1,147 @@
+"""Quantization settings: a ConfigDict for users, frozen specs for the model's points.
+
+Presets (the quantization stage of the method, cumulative):
+  'calib'    calibration only: per-tensor activation ranges everywhere;
+  'reparam'  + per-channel ranges at post-LayerNorm inputs, folded into the LayerNorm and the
+             next layer (RepQ-ViT scale reparameterisation), deployed per tensor;
+  'full'     + block-wise reconstruction (default, the strongest setting).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Sequence
+
+import ml_collections
+
+from spdfq_jax.quant import quantizers
+
+PRESETS = ("calib", "reparam", "full")
+METHODS = ("minmax", "percentile", "mse")
+SOFTMAX_QUANTIZERS = ("log2", "shift_log2", "uniform")
+
+# Flat keyword shortcuts accepted by `default_config`, besides dotted paths.
+SHORTCUTS = {
+    "recon_iters": "recon.iters", "recon_batch_size": "recon.batch_size", "recon_lr": "recon.lr",
+    "seed": "recon.seed", "chunk_size": "calib.chunk_size",
+    "w_method": "weights.method", "w_granularity": "weights.granularity",
+    "a_method": "acts.method", "a_granularity": "acts.granularity",
+    "post_ln_granularity": "acts.post_ln_granularity", "percentile": "acts.percentile",
+    "softmax_quantizer": "softmax.quantizer", "softmax_bits": "softmax.bits",
+    "keep_fp": "keep_fp", "reparam": "reparam",
+}
+
+
+def default_config(w_bits: int = 4, a_bits: int = 4, preset: str = "full",
+                   **overrides: Any) -> ml_collections.ConfigDict:
+  """Settings for W{w_bits}A{a_bits}; overrides are dotted paths ('acts.method') or the
+  flat shortcuts in SHORTCUTS (recon_iters=0, a_method='percentile', keep_fp=['head*'])."""
+  quantizers.check_bits(w_bits)
+  quantizers.check_bits(a_bits)
+  if preset not in PRESETS:
+    raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  # Weights: asymmetric, per output channel (last axis of every kernel), clipping by MSE.
+  c.weights = dict(bits=w_bits, granularity="channel", method="mse", symmetric=False,
+                   percentile=99.99, grid=40)
+  # Activations at every linear input and both attention-matmul operands.
+  c.acts = dict(bits=a_bits, granularity="tensor", method="minmax", symmetric=False,
+                percentile=99.99, grid=20,
+                post_ln_granularity="channel" if preset != "calib" else "tensor")
+  # Post-softmax attention: log2 (RepQ-ViT), shift_log2 (I&S-ViT) or uniform. bits None =
+  # the activation bits; shift None = searched by MSE among candidates at calibration.
+  c.softmax = dict(bits=None, quantizer="log2", method="minmax", shift=None)
+  # fnmatch patterns over '/'-joined paths of points and kernels kept in full precision,
+  # e.g. ['patch*', 'head*'] for the first and last layers. Default: none.
+  c.keep_fp = []
+  c.reparam = preset != "calib"
+  c.calib = dict(chunk_size=32)
+  # Block-wise reconstruction: iterations per unit (0 = off), Adam with cosine decay.
+  c.recon = dict(iters=100 if preset == "full" else 0, batch_size=32, lr=4e-5, seed=0,
+                 chunk_size=32)
+  for key, value in overrides.items():
+    _set(c, SHORTCUTS.get(key, key), value)
+  validate(c)
+  return c
+
+
+def _set(c: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  *parents, leaf = path.split(".")
+  node = c
+  for p in parents:
+    if p not in node:
+      raise ValueError(f"unknown quantization setting {path!r}; shortcuts: {sorted(SHORTCUTS)}")
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"unknown quantization setting {path!r}; shortcuts: {sorted(SHORTCUTS)}")
+  node[leaf] = list(value) if isinstance(value, tuple) else value
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Fails early, with the offending field, instead of deep inside a jitted function."""
+  quantizers.check_bits(c.weights.bits)
+  quantizers.check_bits(c.acts.bits)
+  if c.softmax.bits is not None:
+    quantizers.check_bits(c.softmax.bits)
+  for name, node in (("weights", c.weights), ("acts", c.acts)):
+    if node.method not in METHODS:
+      raise ValueError(f"{name}.method must be one of {METHODS}, got {node.method!r}")
+    if node.granularity not in quantizers.GRANULARITIES:
+      raise ValueError(f"{name}.granularity must be one of {quantizers.GRANULARITIES}")
+  if c.weights.granularity == "token":
+    raise ValueError("weights.granularity must be 'channel' or 'tensor'")
+  if c.acts.post_ln_granularity not in quantizers.GRANULARITIES:
+    raise ValueError(f"acts.post_ln_granularity must be one of {quantizers.GRANULARITIES}")
+  if c.softmax.quantizer not in SOFTMAX_QUANTIZERS:
+    raise ValueError(f"softmax.quantizer must be one of {SOFTMAX_QUANTIZERS}")
+  if c.reparam and c.acts.post_ln_granularity != "channel":
+    raise ValueError("reparam folds per-channel post-LN ranges: set "
+                     "acts.post_ln_granularity='channel' (or reparam=False)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointSpec:
+  """What one quant point does (hashable, so it can live in a Flax module field)."""
+  quantizer: str  # 'uniform' | 'log2' | 'shift_log2' | 'none'
+  bits: int = 8
+  granularity: str = "tensor"
+  method: str = "minmax"
+  symmetric: bool = False
+  percentile: float = 99.99
+  grid: int = 20
+  shift: float | None = None
+
+  @property
+  def dynamic(self) -> bool:
+    return self.quantizer == "uniform" and self.granularity == "token"
+
+
+def keep_fp(patterns: Sequence[str], path: str) -> bool:
+  """Whether a '/'-joined path, or any prefix of it, matches a full-precision pattern."""
+  parts = path.split("/")
+  prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+  return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
+
+
+def point_spec(c: ml_collections.ConfigDict, kind: str, path: str) -> PointSpec:
+  """The spec of the point of `kind` at `path` ('blocks_0/attn/qkv_in')."""
+  if keep_fp(c.keep_fp, path):
+    return PointSpec("none")
+  a = c.acts
+  if kind == "softmax":
+    s = c.softmax
+    bits = s.bits if s.bits is not None else a.bits
+    if s.quantizer == "uniform":
+      return PointSpec("uniform", bits, "tensor", s.method, False, a.percentile, a.grid)
+    return PointSpec(s.quantizer, bits, "tensor", s.method, shift=s.shift)
+  gran = a.post_ln_granularity if kind == "post_ln" else a.granularity
+  return PointSpec("uniform", a.bits, gran, a.method, a.symmetric, a.percentile, a.grid)
+
+
+def weight_spec(c: ml_collections.ConfigDict, path: str) -> PointSpec:
+  """The spec of a kernel at `path` ('blocks_0/attn/qkv/kernel')."""
+  if keep_fp(c.keep_fp, path):
+    return PointSpec("none")
+  w = c.weights
+  return PointSpec("uniform", w.bits, w.granularity, w.method, w.symmetric, w.percentile, w.grid)
