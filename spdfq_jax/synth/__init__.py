@@ -1,0 +1,5 @@
+"""Calibration-image synthesis against the FP model: noise, inversion, PSAQ-ViT, SPDFQ."""
+from spdfq_jax.synth.config import METHODS, default_config
+from spdfq_jax.synth.generate import SynthResult, generate, load_result, model_info
+
+__all__ = ["METHODS", "SynthResult", "default_config", "generate", "load_result", "model_info"]

@@ -1,0 +1,86 @@
+"""Synthesis hyperparameters as one ConfigDict per method.
+
+Defaults follow docs/method.md ("Synthesis objective", "Baselines"); fields marked (open)
+in docs/synthesis.md are reconstruction choices that no available source fixes.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("noise", "inversion", "psaq", "spdfq")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections.ConfigDict:
+  """Defaults for `method` (noise | inversion | psaq | spdfq) on a `family` (vit | swin) model.
+
+  The method only sets which loss terms are on; every term stays a field, so an ablation is
+  a config edit (e.g. `cfg.msr = False`).
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown synthesis method {method!r}; choose one of {', '.join(METHODS)}")
+  if family not in ("vit", "swin"):
+    raise ValueError(f"unknown model family {family!r} (vit | swin)")
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.num_images = 32
+  # 0 = read from the model (head size, img_size, patch-embedding input channels).
+  c.num_classes = 0
+  c.image_size = 0
+  c.channels = 0
+  # Normalisation of the model's inputs: images are optimised in normalised space and each
+  # channel is clamped to [(0 - mean) / std, (1 - mean) / std]. One value = every channel.
+  c.mean = IMAGENET_MEAN
+  c.std = IMAGENET_STD
+  c.seed = 0
+
+  # Optimiser (PSAQ-ViT loop): Adam on pixels, `rounds` restarts, each with linear warm-up
+  # and cosine decay to zero; Adam moments restart with each round (open).
+  c.iterations = 1000
+  c.rounds = 2
+  c.lr = 0.25 if family == "swin" else 0.2
+  c.b1 = 0.5
+  c.b2 = 0.9
+  c.eps = 1e-8
+  c.warmup = 100
+  c.jitter = (15, 30)  # roll limit in px per round, at jitter_reference px input (open: scaling)
+  c.jitter_reference = 224  # 0 = use `jitter` as given, whatever the input size
+  c.flip = True
+
+  # TV prior (PSAQ-ViT form). tv_mode: 'min' minimises TV; 'target' minimises
+  # |TV - U(tv_target)| with the target scaled from 32 x 224 x 224 x 3 values to this batch.
+  c.tv_weight = 0.05
+  c.tv_mode = "target" if method == "psaq" else "min"  # (open for inversion / spdfq)
+  c.tv_target = (2500.0, 3000.0)
+
+  # PSAQ-ViT patch-similarity entropy.
+  c.entropy = method == "psaq"
+  c.entropy_weight = 1.0
+  c.entropy_bandwidth = 0.01
+  c.entropy_points = 10
+
+  # SPDFQ switches (independent: the 8-row ablation flips them).
+  spdfq = method == "spdfq"
+  c.apa = spdfq
+  c.msr = spdfq
+  c.sl = spdfq
+
+  # APA.
+  c.alpha1 = 1000.0  # searched per model in [1, 1e5] (open default)
+  c.prior = "gmm"  # gmm | laplace | real (real needs `real_images`)
+  c.k_apa = 5  # components k ~ U{1..k_apa} (open)
+  c.sigma_range = (1.0, 3.0)  # in grid cells (open)
+  c.apa_blocks = "deep"  # deep (l >= L/2) | all
+  c.depth_weight = True  # weight l / L (False: 1)
+
+  # MSR.
+  c.k_msr = 4  # m ~ U{1..k_msr} regions per image and step
+  c.msr_grid = 2  # regions are the cells of a msr_grid x msr_grid split (open)
+
+  # SL: target softmax(Z), Z zero except U(soft_label_range) at the class.
+  c.soft_label_range = (5.0, 10.0)
+  c.whole_target_has_regions = False  # (open) whole-image Z also carries the region classes
+
+  c.checkpoint_every = 100
+  return c
