@@ -357,8 +357,20 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", stem + suffix)
 
 
+def _quiet_libraries() -> None:
+  """Keeps INFO lines of this package only: checkpointing libraries log every save."""
+  import logging as pylogging  # pylint: disable=g-import-not-at-top
+
+  class Filter(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+      return record.levelno >= pylogging.WARNING or f"{os.sep}spdfq_jax{os.sep}" in record.pathname
+
+  logging.get_absl_handler().addFilter(Filter())
+
+
 def main(argv: list[str]) -> None:
   del argv
+  _quiet_libraries()
   parallel.maybe_initialize_distributed()
   config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
   for a in sys.argv[1:]:  # keep the ':arg' part, which get_config_filename drops
