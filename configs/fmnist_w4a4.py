@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SYNTH = dict(iterations=400, warmup=40)
+SYNTH = dict(iterations=100, warmup=10)
 
 
 def get_config(arg=None):
