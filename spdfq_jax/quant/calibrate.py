@@ -45,6 +45,17 @@ def _sum(path, a, b):
   return a + b
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pass1(module: zoo.Model, params: Any, x: jax.Array) -> dict:
+  return module.apply({"params": params}, x, mutable=["calib"])[1].get("calib", {})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pass2(module: zoo.Model, params: Any, stats: dict, x: jax.Array) -> dict:
+  return module.apply({"params": params, "calib": stats}, x,
+                      mutable=["calib2"])[1].get("calib2", {})
+
+
 def point_specs(module: zoo.Model, cfg: ml_collections.ConfigDict, params: Any,
                 images: jax.Array) -> dict[str, tuple[str, qconfig.PointSpec]]:
   """{point path: (kind, spec)} for every point of the model (found by tracing once)."""
@@ -70,19 +81,12 @@ def calibrate(module: zoo.Model, params: Any, images: np.ndarray,
   obs = qmodel.quant_module(module, cfg, "observe")
   ref = qmodel.quant_module(module, cfg, "refine")
 
-  @jax.jit
-  def pass1(p, x):
-    return obs.apply({"params": p}, x, mutable=["calib"])[1].get("calib", {})
-
-  stats = flax.core.unfreeze(_run(lambda x: pass1(params, x), images, chunk_size, _minmax))
+  stats = flax.core.unfreeze(_run(lambda x: _pass1(obs, params, x), images, chunk_size,
+                                  _minmax))
   specs = point_specs(module, cfg, params, jnp.asarray(images[:1]))
   if any(_needs_pass2(spec) for _, spec in specs.values()):
 
-    @jax.jit
-    def pass2(p, st, x):
-      return ref.apply({"params": p, "calib": st}, x, mutable=["calib2"])[1].get("calib2", {})
-
-    stats2 = _flat(_run(lambda x: pass2(params, stats, x), images, chunk_size, _sum))
+    stats2 = _flat(_run(lambda x: _pass2(ref, params, stats, x), images, chunk_size, _sum))
   else:
     stats2 = {}
   flat = _flat(stats)

@@ -18,11 +18,12 @@ from spdfq_jax.quant import quantizers
 
 PRESETS = ("calib", "reparam", "full")
 METHODS = ("minmax", "percentile", "mse")
-SOFTMAX_QUANTIZERS = ("log2", "shift_log2", "uniform")
+SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "shift_log2", "uniform")
 
 # Flat keyword shortcuts accepted by `default_config`, besides dotted paths.
 SHORTCUTS = {
     "recon_iters": "recon.iters", "recon_batch_size": "recon.batch_size", "recon_lr": "recon.lr",
+    "recon_train": "recon.train",
     "seed": "recon.seed", "chunk_size": "calib.chunk_size",
     "w_method": "weights.method", "w_granularity": "weights.granularity",
     "a_method": "acts.method", "a_granularity": "acts.granularity",
@@ -49,8 +50,8 @@ def default_config(w_bits: int = 4, a_bits: int = 4, preset: str = "full",
   c.acts = dict(bits=a_bits, granularity="tensor", method="minmax", symmetric=False,
                 percentile=99.99, grid=20,
                 post_ln_granularity="channel" if preset != "calib" else "tensor")
-  # Post-softmax attention: log2 (RepQ-ViT), shift_log2 (I&S-ViT) or uniform. bits None =
-  # the activation bits; shift None = searched by MSE among candidates at calibration.
+  # Post-softmax attention: log2, log_sqrt2 (RepQ-ViT), shift_log2 (I&S-ViT) or uniform.
+  # bits None = the activation bits; shift None = searched by MSE at calibration.
   c.softmax = dict(bits=None, quantizer="log2", method="minmax", shift=None)
   # fnmatch patterns over '/'-joined paths of points and kernels kept in full precision,
   # e.g. ['patch*', 'head*'] for the first and last layers. Default: none.
@@ -58,8 +59,9 @@ def default_config(w_bits: int = 4, a_bits: int = 4, preset: str = "full",
   c.reparam = preset != "calib"
   c.calib = dict(chunk_size=32)
   # Block-wise reconstruction: iterations per unit (0 = off), Adam with cosine decay.
+  # train: 'all' params of the unit (kernels, biases, LayerNorm, tokens) or 'kernels'.
   c.recon = dict(iters=100 if preset == "full" else 0, batch_size=32, lr=4e-5, seed=0,
-                 chunk_size=32)
+                 train="all")
   for key, value in overrides.items():
     _set(c, SHORTCUTS.get(key, key), value)
   validate(c)
@@ -95,6 +97,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"acts.post_ln_granularity must be one of {quantizers.GRANULARITIES}")
   if c.softmax.quantizer not in SOFTMAX_QUANTIZERS:
     raise ValueError(f"softmax.quantizer must be one of {SOFTMAX_QUANTIZERS}")
+  if c.recon.train not in ("all", "kernels"):
+    raise ValueError(f"recon.train must be 'all' or 'kernels', got {c.recon.train!r}")
+  if c.recon.iters < 0 or c.recon.batch_size < 1:
+    raise ValueError("recon.iters must be >= 0 and recon.batch_size >= 1")
   if c.reparam and c.acts.post_ln_granularity != "channel":
     raise ValueError("reparam folds per-channel post-LN ranges: set "
                      "acts.post_ln_granularity='channel' (or reparam=False)")
@@ -103,7 +109,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass(frozen=True)
 class PointSpec:
   """What one quant point does (hashable, so it can live in a Flax module field)."""
-  quantizer: str  # 'uniform' | 'log2' | 'shift_log2' | 'none'
+  quantizer: str  # 'uniform' | 'log2' | 'log_sqrt2' | 'shift_log2' | 'none'
   bits: int = 8
   granularity: str = "tensor"
   method: str = "minmax"

@@ -77,6 +77,8 @@ def apply_point(spec: qconfig.PointSpec, x: jax.Array, state: dict) -> jax.Array
   """Fake-quantizes x with one point's state."""
   if spec.quantizer == "log2":
     return Q.log2_quant(x, state["scale"], spec.bits)
+  if spec.quantizer == "log_sqrt2":
+    return Q.log2_quant(x, state["scale"], spec.bits, step=0.5)
   if spec.quantizer == "shift_log2":
     return Q.shift_log2_quant(x, state["scale"], state["zero"], state["shift"], spec.bits)
   return Q.fake_quant(x, state["scale"], state["zero"], spec.bits, spec.symmetric)
@@ -98,7 +100,7 @@ def refine(spec: qconfig.PointSpec, x: jax.Array, lo: jax.Array, hi: jax.Array) 
       s, z = Q.shift_log2_params(lo, hi, eta, spec.bits)
       return jnp.sum((x - Q.shift_log2_quant(x, s, z, eta, spec.bits)) ** 2)
     return {"err": jax.lax.map(err, jnp.asarray(SHIFT_CANDIDATES, jnp.float32))}
-  if spec.quantizer == "log2" or spec.method == "minmax":
+  if spec.quantizer in ("log2", "log_sqrt2") or spec.method == "minmax":
     return {}
   if spec.method == "mse":
     return {"err": jax.lax.map(
@@ -118,7 +120,7 @@ def refine(spec: qconfig.PointSpec, x: jax.Array, lo: jax.Array, hi: jax.Array) 
 def finalize(spec: qconfig.PointSpec, stats: dict) -> dict:
   """The point's quant state from its combined statistics."""
   lo, hi = stats["lo"], stats["hi"]
-  if spec.quantizer == "log2":
+  if spec.quantizer in ("log2", "log_sqrt2"):
     return {"scale": jnp.maximum(hi, Q.EPS)}
   if spec.quantizer == "shift_log2":
     shift = (jnp.float32(spec.shift) if spec.shift is not None
@@ -151,7 +153,20 @@ def point_factory(cfg: ml_collections.ConfigDict, mode: str = "quant") -> Callab
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   frozen = cfg if isinstance(cfg, ml_collections.FrozenConfigDict) else (
       ml_collections.FrozenConfigDict(cfg))
+  return _factory(frozen, mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _factory(frozen: ml_collections.FrozenConfigDict, mode: str) -> Callable[..., nn.Module]:
+  # One factory object per (settings, mode): equal settings give equal (hashable) modules,
+  # so jitted functions that take the module as a static argument compile once.
   return functools.partial(QuantPoint, cfg=frozen, mode=mode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_jit(module: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
+  """module.apply, compiled once per (module, shapes)."""
+  return module.apply(variables, images)
 
 
 def quant_module(module: zoo.Model, cfg: ml_collections.ConfigDict, mode: str = "quant"
@@ -213,13 +228,10 @@ class QuantizedModel:
   module: zoo.Model
   variables: dict
   cfg: ml_collections.ConfigDict
-
-  @functools.cached_property
-  def _logits_fn(self) -> Callable:
-    return jax.jit(self.module.apply)
+  info: dict = dataclasses.field(default_factory=dict)
 
   def logits(self, images: jax.Array, variables: Optional[dict] = None) -> jax.Array:
-    return self._logits_fn(self.variables if variables is None else variables, images)
+    return apply_jit(self.module, self.variables if variables is None else variables, images)
 
 
 def build(module: zoo.Model, params: Any, qstate: dict, wstate: dict,

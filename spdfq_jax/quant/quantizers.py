@@ -11,8 +11,8 @@ Granularity is expressed as the axes a range reduces over:
   'channel' every axis but the last (one range per channel; for kernels the output channel),
   'token'   only the last axis (one range per token, computed on the fly).
 
-Post-softmax attention has its own quantizers: `log2_quant` (RepQ-ViT: powers of two
-below a calibrated maximum) and `shift_log2_quant` (I&S-ViT's shift-uniform-log2: a
+Post-softmax attention has its own quantizers: `log2_quant` (powers of two, or of sqrt 2
+as in RepQ-ViT, below a calibrated maximum) and `shift_log2_quant` (I&S-ViT's shift-uniform-log2: a
 uniform quantizer in the domain of -log2(x + shift), which spends levels more evenly).
 """
 from __future__ import annotations
@@ -166,15 +166,17 @@ def quantize_tensor(x: jax.Array, bits: int, granularity: str = "channel",
 
 # --- post-softmax ------------------------------------------------------------------------
 
-def log2_quant(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
-  """x >= 0 -> scale * 2^-q, q = round(-log2(x / scale)) in [0, 2^b - 1]; smaller values,
-  below the last level, become 0. Straight-through inside the levels, zero grad below."""
+def log2_quant(x: jax.Array, scale: jax.Array, bits: int, step: float = 1.0) -> jax.Array:
+  """x >= 0 -> scale * 2^(-q * step), q = round(-log2(x / scale) / step) in [0, 2^b - 1];
+  smaller values, below the last level, become 0. step 1: log2 (FQ-ViT); step 0.5: the
+  log-sqrt2 quantizer of RepQ-ViT (half the rounding error, half the dynamic range).
+  Straight-through inside the levels, zero gradient below."""
   levels = 2 ** check_bits(bits)
   scale = jax.lax.stop_gradient(scale)
   xs = jax.lax.stop_gradient(x)
-  e = jnp.round(-jnp.log2(jnp.maximum(xs / scale, 2.0 ** -(levels + 2))))
+  e = jnp.round(-jnp.log2(jnp.maximum(xs / scale, 2.0 ** -(step * levels + 2))) / step)
   inside = e < levels
-  xq = jnp.where(inside, scale * 2.0 ** (-jnp.clip(e, 0, levels - 1)), 0.0)
+  xq = jnp.where(inside, scale * 2.0 ** (-step * jnp.clip(e, 0, levels - 1)), 0.0)
   return jnp.where(inside & (xs <= scale), x + jax.lax.stop_gradient(xq - x),
                    jax.lax.stop_gradient(xq)).astype(x.dtype)
 

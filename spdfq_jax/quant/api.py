@@ -1,0 +1,43 @@
+"""`quantize`: the quantization stage end to end (calibrate -> reparam -> reconstruct)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from spdfq_jax.models import zoo
+from spdfq_jax.quant import config as qconfig
+from spdfq_jax.quant import qmodel
+from spdfq_jax.quant.calibrate import calibrate
+from spdfq_jax.quant.reconstruct import reconstruct
+from spdfq_jax.quant.reparam import reparameterize
+
+
+def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
+             cfg: Optional[ml_collections.ConfigDict] = None, workdir: Optional[str] = None,
+             progress: bool = True) -> qmodel.QuantizedModel:
+  """Quantizes an FP model with calibration images (real, noise or synthetic).
+
+  Runs calibrate -> (reparameterize) -> weight ranges -> (reconstruct) as `cfg` says
+  (default: `default_config(4, 4)`, the full stage). With a workdir, reconstruction
+  resumes from its last finished unit. The per-unit reconstruction losses are kept in
+  `qmodel.info['recon']`.
+  """
+  cfg = cfg if cfg is not None else qconfig.default_config()
+  qconfig.validate(cfg)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  qstate = calibrate(module, params, calib_images, cfg)
+  if cfg.reparam:
+    params, qstate = reparameterize(params, qstate, cfg)
+  wstate = qmodel.weight_state(params, cfg)
+  log = []
+  if cfg.recon.iters > 0:
+    params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
+                              workdir=os.path.join(workdir, "recon") if workdir else None,
+                              progress=progress)
+  qm = qmodel.build(module, params, qstate, wstate, cfg)
+  qm.info["recon"] = log
+  return qm

@@ -1,0 +1,152 @@
+"""Block-wise reconstruction: recover accuracy unit by unit with the FP model as teacher.
+
+For each unit of `zoo.units(module)` (embed, every block, head) in forward order, the
+unit's weights are trained so that the quantized unit, fed the quantized model's own
+inputs (the outputs of the already reconstructed units), reproduces the FP unit's output
+on the FP model's inputs:  min ||unit_fp(x_fp) - unit_q(x_q)||^2.
+Adam with cosine decay; weights are fake-quantized inside the loss with frozen ranges
+(straight-through gradients reach the latent FP weights); activation ranges are frozen.
+Training the unit's other parameters too (biases, LayerNorm affine, tokens, position
+tables) is the default (`recon.train='all'`; 'kernels' trains only the kernels).
+
+With a workdir the loop saves (params, next unit) after every unit and resumes there.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from spdfq_jax import checkpoint
+from spdfq_jax.models import zoo
+from spdfq_jax.quant import qmodel
+
+
+def get_subtree(tree: dict, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_subtree(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+  """A copy of tree with tree[path] = value (copies only the dicts along the path)."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = set_subtree(tree[path[0]], path[1:], value)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_unit(module: zoo.Model, name: str, variables: dict, x: jax.Array) -> jax.Array:
+  return module.apply(variables, name, x, method="run_unit")
+
+
+def run_unit(module: zoo.Model, variables: dict, name: str, x: jax.Array, chunk_size: int
+             ) -> jax.Array:
+  """One unit over all of x, in chunks."""
+  return jnp.concatenate([_apply_unit(module, name, variables, x[i:i + chunk_size])
+                          for i in range(0, x.shape[0], chunk_size)])
+
+
+def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
+                images: np.ndarray, cfg: ml_collections.ConfigDict,
+                workdir: Optional[str] = None, progress: bool = True
+                ) -> tuple[dict, list[dict]]:
+  """(latent params after reconstruction, per-unit loss log).
+
+  `params` are the FP (possibly reparameterised) params: they stay the teacher. The
+  returned params are latent: pass them through `qmodel.quantize_weights` (or
+  `qmodel.build`) to get the deployed fake-quantized kernels.
+  """
+  r = cfg.recon
+  chunk = cfg.calib.chunk_size
+  qmod = qmodel.quant_module(module, cfg)
+  units = zoo.units(module)
+  teacher = params
+  student = jax.tree_util.tree_map(jnp.asarray, params)
+  x_fp = x_q = jnp.asarray(images, jnp.float32)
+  start = 0
+  mgr = checkpoint.manager(workdir) if workdir else None
+  if mgr is not None:
+    found = checkpoint.restore_latest(mgr, {"params": student, "next": np.asarray(0, np.int32)})
+    if found is not None:
+      student, start = found[1]["params"], int(found[1]["next"])
+  log = []
+  for i, (name, paths) in enumerate(units):
+    y_fp = run_unit(module, {"params": teacher}, name, x_fp, chunk)
+    if i >= start and r.iters > 0:
+      student, entry = _train_unit(qmod, name, paths, student, qstate, wstate, cfg,
+                                   x_q, y_fp, i, progress)
+      log.append(entry)
+    if i + 1 < len(units) or mgr is not None:
+      qvars = {"params": qmodel.quantize_weights(student, wstate, cfg), "quant": qstate}
+      x_q = run_unit(qmod, qvars, name, x_q, chunk)
+    x_fp = y_fp
+    if mgr is not None and i >= start:
+      checkpoint.save(mgr, i + 1, {"params": student, "next": np.asarray(i + 1, np.int32)})
+  return student, log
+
+
+def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
+               ) -> optax.GradientTransformation:
+  r = cfg.recon
+  tx = optax.adam(optax.cosine_decay_schedule(r.lr, r.iters))
+  if r.train == "all":
+    return tx
+  mask = {p: jax.tree_util.tree_map_with_path(lambda kp, _: kp[-1].key == "kernel", t)
+          for p, t in trainable.items()}
+  return optax.chain(optax.masked(tx, mask),
+                     optax.masked(optax.set_to_zero(),
+                                  jax.tree_util.tree_map(lambda m: not m, mask)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
+          opt_state: Any, frozen: dict, qstate: dict, wstate: dict, key: jax.Array,
+          xs: jax.Array, ys: jax.Array) -> tuple[dict, Any, jax.Array]:
+  """One Adam step on a random batch: MSE between quantized and FP unit outputs."""
+  n = xs.shape[0]
+  bs = min(cfg.recon.batch_size, n)
+
+  def loss_fn(t):
+    full = frozen
+    for p, sub in t.items():
+      full = set_subtree(full, p, sub)
+    qp = qmodel.quantize_weights(full, wstate, cfg)
+    out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
+    return jnp.mean((out - y) ** 2)
+
+  idx = jax.random.choice(key, n, (bs,), replace=False)
+  x, y = xs[idx], ys[idx]
+  loss, g = jax.value_and_grad(loss_fn)(trainable)
+  updates, opt_state = _optimizer(cfg, trainable).update(g, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, loss
+
+
+def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params: dict,
+                qstate: dict, wstate: dict, cfg: ml_collections.ConfigDict, x_q: jax.Array,
+                y_fp: jax.Array, index: int, progress: bool) -> tuple[dict, dict]:
+  r = cfg.recon
+  frozen_cfg = ml_collections.FrozenConfigDict(cfg)
+  trainable = {p: get_subtree(params, p) for p in paths}
+  opt_state = _optimizer(frozen_cfg, trainable).init(trainable)
+  key = jax.random.fold_in(jax.random.PRNGKey(r.seed), index)
+  losses = []
+  bar = tqdm(range(r.iters), desc=f"recon {name}", leave=False, disable=not progress)
+  for it in bar:
+    trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
+                                       qstate, wstate, jax.random.fold_in(key, it), x_q, y_fp)
+    if it == 0 or it == r.iters - 1 or it % 20 == 0:
+      losses.append(float(loss))
+      bar.set_postfix(loss=f"{losses[-1]:.4g}")
+  bar.close()
+  for p, sub in trainable.items():
+    params = set_subtree(params, p, sub)
+  return params, {"unit": name, "loss_first": losses[0], "loss_last": losses[-1]}
