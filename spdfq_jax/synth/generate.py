@@ -27,8 +27,9 @@ SUBDIR = "synthetic"
 RESULT = "result.npz"
 CONFIG = "config.json"
 
-# Stream ids folded into the root key, one per kind of randomness.
-_INIT, _LABELS, _PRIORS, _STEPS = 1, 2, 3, 4
+# Stream ids, one per kind of randomness (priors use 3, see priors.py; steps fold 4 into
+# the JAX key of the jitted step).
+_INIT, _LABELS, _STEPS = 1, 2, 4
 
 
 @dataclasses.dataclass
@@ -88,47 +89,51 @@ def pixel_range(cfg: ml_collections.ConfigDict, channels: int) -> tuple[np.ndarr
   return (0 - mean) / std, (1 - mean) / std
 
 
-def _per_image(key: jax.Array, n: int, fn: Callable[[jax.Array], Any]) -> Any:
-  return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(jnp.arange(n))
+def _rng(cfg: ml_collections.ConfigDict, stream: int, index: int) -> np.random.Generator:
+  """Host generator of one image's draws in one stream: a function of (seed, stream, index)."""
+  return np.random.default_rng([cfg.seed, stream, index])
 
 
 def initial_images(cfg: ml_collections.ConfigDict, info: ModelInfo) -> np.ndarray:
   """N(0, 1) in normalised space, clamped: the noise baseline and every loop's start."""
-  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _INIT)
   lo, hi = pixel_range(cfg, info.image_shape[-1])
-  draw = jax.jit(lambda key: jnp.clip(_per_image(
-      key, cfg.num_images, lambda k: jax.random.normal(k, info.image_shape)), lo, hi))
-  return np.asarray(draw(key), np.float32)
+  x = np.stack([_rng(cfg, _INIT, i).standard_normal(info.image_shape, np.float32)
+                for i in range(cfg.num_images)])
+  return np.clip(x, lo, hi).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 def draw_labels(cfg: ml_collections.ConfigDict, info: ModelInfo) -> dict[str, np.ndarray]:
   """Classes and targets of whole images and MSR regions, fixed for the run.
 
   Without SL the targets are one-hot; with SL softmax(Z), Z = U(soft_label_range) at the
-  class. Region classes are fixed per (image, region) (open: not redrawn each step).
+  class and 0 elsewhere. Region classes are fixed per (image, region) (open: not redrawn
+  each step).
   """
-  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _LABELS)
-  r = cfg.msr_grid ** 2
-  c = info.num_classes
+  r, c = cfg.msr_grid ** 2, info.num_classes
   lo, hi = cfg.soft_label_range
-
-  def one(k):
-    kc, kz, krc, krz = jax.random.split(k, 4)
-    return (jax.random.randint(kc, (), 0, c), jax.random.uniform(kz, (), minval=lo, maxval=hi),
-            jax.random.randint(krc, (r,), 0, c), jax.random.uniform(krz, (r,), minval=lo, maxval=hi))
-
-  cls, z, rcls, rz = jax.jit(lambda key: _per_image(key, cfg.num_images, one))(key)
+  cls, z, rcls, rz = [], [], [], []
+  for i in range(cfg.num_images):
+    g = _rng(cfg, _LABELS, i)
+    cls.append(g.integers(0, c))
+    z.append(g.uniform(lo, hi))
+    rcls.append(g.integers(0, c, r))
+    rz.append(g.uniform(lo, hi, r))
+  cls, z, rcls, rz = (np.asarray(v) for v in (cls, z, rcls, rz))
+  eye = np.eye(c, dtype=np.float64)
   if cfg.sl:
-    logits = jax.nn.one_hot(cls, c) * z[:, None]
+    logits = eye[cls] * z[:, None]
     if cfg.whole_target_has_regions and cfg.msr:
-      logits = logits + (jax.nn.one_hot(rcls, c) * rz[..., None]).sum(1)
-    targets = jax.nn.softmax(logits, -1)
-    rtargets = losses.soft_targets(rcls, c, rz)
+      logits = logits + (eye[rcls] * rz[..., None]).sum(1)
+    targets, rtargets = _softmax(logits), _softmax(eye[rcls] * rz[..., None])
   else:
-    targets, rtargets = jax.nn.one_hot(cls, c), jax.nn.one_hot(rcls, c)
-  return {"classes": np.asarray(cls, np.int32), "targets": np.asarray(targets, np.float32),
-          "region_classes": np.asarray(rcls, np.int32),
-          "region_targets": np.asarray(rtargets, np.float32)}
+    targets, rtargets = eye[cls], eye[rcls]
+  return {"classes": cls.astype(np.int32), "targets": targets.astype(np.float32),
+          "region_classes": rcls.astype(np.int32), "region_targets": rtargets.astype(np.float32)}
 
 
 def apa_maps(module, params: Any, images: jax.Array, info: ModelInfo,
@@ -151,11 +156,9 @@ def draw_priors(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
     idx = np.arange(cfg.num_images) % len(real_images)
     fn = jax.jit(lambda p, x: apa_maps(module, p, x, info, blocks))
     return [np.asarray(m, np.float32) for m in fn(params, jnp.asarray(real_images[idx]))]
-  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _PRIORS)
   layout = [(info.heads[l], info.grid[l]) for l in blocks]
-  out = jax.jit(lambda key: priors_lib.draw_priors(
-      key, jnp.arange(cfg.num_images), layout, cfg.k_apa, tuple(cfg.sigma_range), cfg.prior))(key)
-  return [np.asarray(p, np.float32) for p in out]
+  return priors_lib.draw_priors(cfg.seed, np.arange(cfg.num_images), layout, cfg.k_apa,
+                                tuple(cfg.sigma_range), cfg.prior)
 
 
 def _augment(x: jax.Array, key: jax.Array, limit: jax.Array, flip: bool) -> jax.Array:
@@ -365,7 +368,8 @@ def _optimise(module, params, cfg, info, blocks, labels, pri, x0, directory, pro
   x, opt_state = to_device(x0, np.zeros_like(x0), np.zeros_like(x0), 0)
   if directory is not None:
     mgr = checkpoint.manager(os.path.join(directory, "checkpoints"))
-    like = {"images": x0, "mu": x0, "nu": x0, "count": np.int32(0), "step": np.int32(0)}
+    like = {"images": x0, "mu": x0, "nu": x0, "count": np.zeros((), np.int32),
+            "step": np.zeros((), np.int32)}
     restored = checkpoint.restore_latest(mgr, like)
     if restored is not None:
       _, s = restored
@@ -397,8 +401,8 @@ def _optimise(module, params, cfg, info, blocks, labels, pri, x0, directory, pro
         g = jax.device_get
         checkpoint.save(mgr, s + 1, {
             "images": np.asarray(g(x))[:n], "mu": np.asarray(g(opt_state.mu))[:n],
-            "nu": np.asarray(g(opt_state.nu))[:n], "count": np.int32(g(opt_state.count)),
-            "step": np.int32(s + 1)})
+            "nu": np.asarray(g(opt_state.nu))[:n],
+            "count": np.asarray(g(opt_state.count), np.int32), "step": np.asarray(s + 1, np.int32)})
   finally:
     if bar is not None:
       bar.close()

@@ -1,0 +1,224 @@
+"""Synthesis benchmarks: step time split, and calibration quality on Fashion-MNIST.
+
+  python benchmarks/synthesis.py timing [--models fmnist_vit,deit_tiny_patch16_224,...]
+      Seconds per synthesis iteration (batch 32, random weights), split into the bare
+      model forward+backward (same model evaluations, loss = sum of logits) and the loss
+      overhead (taps, APA/entropy/TV/CE, MSR crop+resize, Adam, clamp) = step - bare.
+      Method `spdfq_nomsr` = SPDFQ without the 4 MSR region evaluations per image.
+  python benchmarks/synthesis.py accuracy [--seeds 0,1,2] [--iterations 100] [--family vit]
+      W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
+      32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
+      seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset.
+Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from spdfq_jax import parallel, synth  # noqa: E402
+from spdfq_jax.models import zoo  # noqa: E402
+
+G = importlib.import_module("spdfq_jax.synth.generate")
+FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
+
+
+def machine() -> str:
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def timing_model(name: str):
+  """(module, image shape) with random weights: the Fashion-MNIST ViT or a registry model."""
+  if name == "fmnist_vit":
+    return zoo.custom_vit(**FMNIST_VIT), (32, 32, 1)
+  return zoo.build(name), (224, 224, 3)
+
+
+def _time(fn, args, iters: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + one warm run
+  ts = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def time_method(module, params, shape, method: str, iters: int) -> tuple[float, float]:
+  """(step seconds, bare forward+backward seconds) for one method at batch 32."""
+  cfg = synth.default_config(method.replace("_nomsr", ""))
+  cfg.update(mean=(0.5,), std=(0.5,), msr=cfg.msr and not method.endswith("_nomsr"))
+  info = G.model_info(module, params, cfg)
+  blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
+  labels = G.draw_labels(cfg, info)
+  pri = G.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
+  mesh = parallel.data_mesh()
+  n = cfg.num_images
+  fixed = parallel.shard_batch({"index": np.arange(n, dtype=np.int32),
+                                "mask": np.ones(n, np.float32), "targets": labels["targets"],
+                                "region_targets": labels["region_targets"], "priors": pri}, mesh)
+  x = parallel.shard_batch(G.initial_images(cfg, info), mesh)
+  state = optax.ScaleByAdamState(jax.device_put(np.int32(0), parallel.replicated(mesh)),
+                                 jnp.zeros_like(x), jnp.zeros_like(x))
+  step = G.make_step(module, cfg, info, blocks, mesh)
+  step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
+  args = (params, x, state, fixed, np.int32(5), np.float32(0.1), np.int32(2), np.float32(100.))
+  t_step = _time(step, args, iters)
+  r = cfg.msr_grid ** 2 if cfg.msr else 0
+
+  @jax.jit
+  def bare(params, x, xr):
+    def f(x, xr):
+      out = module.apply({"params": params}, x).sum()
+      if r:
+        out = out + module.apply({"params": params}, xr).sum()
+      return out
+    return jax.grad(f, argnums=(0, 1))(x, xr)
+
+  xr = jnp.concatenate([x] * r) if r else jnp.zeros((0,) + shape)
+  t_bare = _time(bare, (params, x, xr), iters)
+  return t_step, t_bare
+
+
+def run_timing(models: list[str], methods: list[str], iters: int) -> None:
+  print(f"Machine: {machine()}\n")
+  print("| model | input | method | step s/iter | bare fwd+bwd s | loss overhead | overhead % |")
+  print("|---|---|---|---|---|---|---|")
+  for name in models:
+    module, shape = timing_model(name)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
+    for method in methods:
+      t_step, t_bare = time_method(module, params, shape, method, iters)
+      print(f"| {name} | {shape[0]}x{shape[1]}x{shape[2]} | {method} | {t_step:.3f} | "
+            f"{t_bare:.3f} | {t_step - t_bare:.3f} | {100 * (t_step - t_bare) / t_bare:.1f} |",
+            flush=True)
+
+
+# ---------------------------------------------------------------------------- accuracy
+
+ABLATION = [(a, m, s) for a in (False, True) for m in (False, True) for s in (False, True)]
+
+
+def load_asset(family: str):
+  from spdfq_jax.models import native  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(zoo.__file__), "..", "assets", f"fmnist_{family}.safetensors")
+  alt = f"/tmp/fmnist_{family}_provisional.safetensors"
+  path = path if os.path.exists(path) else alt
+  module, params, meta = native.load(path)
+  return module, params, path
+
+
+def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
+  correct = 0
+  for i in range(0, len(x), batch):
+    correct += int((np.asarray(qm.logits(jnp.asarray(x[i:i + batch]))).argmax(-1) == y[i:i + batch]).sum())
+  return 100.0 * correct / len(x)
+
+
+def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
+                 rows: list[str], ablation: bool, workroot: str) -> None:
+  from spdfq_jax import quant  # noqa: PLC0415
+  from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
+  module, params, path = load_asset(family)
+  channels = int((params["patch_embed"]["proj"] if family == "swin"
+                  else params["patch_embed"])["kernel"].shape[2])
+  x_test, y_test = fm.load("test", None, channels)
+  x_train_u8, _ = fm.load_raw("train", None)
+  print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n")
+  fp = top1(type("FP", (), {"logits": staticmethod(jax.jit(
+      lambda x: module.apply({"params": params}, x)))})(), x_test, y_test)
+  print(f"FP top-1: {fp:.2f}\n")
+  variants = [(r, None) for r in rows]
+  if ablation:
+    variants += [("spdfq", v) for v in ABLATION]
+  results = {}
+  for row, abl in variants:
+    for seed in seeds:
+      if row == "real":
+        idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
+        images = fm.normalise(x_train_u8[idx], channels)
+      else:
+        cfg = synth.default_config(row, family)
+        cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
+        if row != "noise":
+          cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
+        if abl is not None:
+          cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
+        tag = f"{family}-{row}-{seed}-{iterations}" + ("" if abl is None else "-%d%d%d" % abl)
+        images = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
+                                progress=False).images
+      for w, a in bits:
+        qm = quant.quantize(module, params, images, quant.default_config(w, a), progress=False)
+        acc = top1(qm, x_test, y_test)
+        results.setdefault((row, abl, w, a), []).append(acc)
+        print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
+  print_tables(results, bits, rows, ablation)
+
+
+def _ms(v: list[float]) -> str:
+  return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
+
+
+def print_tables(results, bits, rows, ablation) -> None:
+  print("\n| source | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits) + " | "
+        + " | ".join(f"W{w}A{a} gap closed" for w, a in bits) + " |")
+  print("|---" * (1 + 2 * len(bits)) + "|")
+  for row in rows:
+    accs = [results[(row, None, w, a)] for w, a in bits]
+    gaps = []
+    for w, a in bits:
+      noise, real = (statistics.mean(results.get((k, None, w, a), [np.nan])) for k in ("noise", "real"))
+      gaps.append((statistics.mean(results[(row, None, w, a)]) - noise) / (real - noise))
+    print(f"| {row} | " + " | ".join(_ms(v) for v in accs) + " | "
+          + " | ".join(f"{g:.2f}" for g in gaps) + " |")
+  if ablation:
+    print("\n| APA | MSR | SL | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits) + " |")
+    print("|---|---|---|" + "---|" * len(bits))
+    for abl in ABLATION:
+      print("| " + " | ".join("✓" if f else "" for f in abl) + " | "
+            + " | ".join(_ms(results[("spdfq", abl, w, a)]) for w, a in bits) + " |")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("what", choices=["timing", "accuracy"])
+  p.add_argument("--models", default="fmnist_vit,deit_tiny_patch16_224,deit_small_patch16_224,"
+                                     "vit_base_patch16_224")
+  p.add_argument("--methods", default="psaq,spdfq")
+  p.add_argument("--iters", type=int, default=3, help="timed iterations after compile")
+  p.add_argument("--family", default="vit")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--bits", default="4,4;3,3")
+  p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
+  p.add_argument("--rows", default="noise,inversion,psaq,spdfq,real")
+  p.add_argument("--ablation", action="store_true")
+  p.add_argument("--workroot", default="runs/bench_synth")
+  a = p.parse_args()
+  if a.what == "timing":
+    run_timing(a.models.split(","), a.methods.split(","), a.iters)
+  else:
+    bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
+    run_accuracy(a.family, [int(s) for s in a.seeds.split(",")], bits, a.iterations,
+                 a.rows.split(","), a.ablation, a.workroot)
+
+
+if __name__ == "__main__":
+  main()

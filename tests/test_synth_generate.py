@@ -1,0 +1,129 @@
+"""The synthesis loop end to end on tiny models: outputs, devices, resume, NaN guard."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from spdfq_jax import synth
+from spdfq_jax.models import zoo
+
+sys.path.insert(0, os.path.dirname(__file__))
+import synth_child  # noqa: E402
+
+CHILD = os.path.join(os.path.dirname(__file__), "synth_child.py")
+
+
+def _child_env(devices=1, cache=None):
+  env = dict(os.environ)
+  if cache:  # lets a restarted child reuse the first one's compiled step
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _load(workdir):
+  return synth.load_result(os.path.join(workdir, "synthetic", "result.npz"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """Uninterrupted single-device SPDFQ run of the child's config, in this process."""
+  workdir = str(tmp_path_factory.mktemp("ref"))
+  module = synth_child.tiny_vit()
+  result = synth.generate(module, synth_child.tiny_params(module), synth_child.tiny_config(),
+                          workdir=workdir, progress=False)
+  return workdir, result
+
+
+def test_outputs(reference):
+  workdir, r = reference
+  d = os.path.join(workdir, "synthetic")
+  for f in ("result.npz", "config.json", "grid.png", "attention.png"):
+    assert os.path.exists(os.path.join(d, f)), f
+  cfg = synth_child.tiny_config()
+  lo = (0 - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+  hi = (1 - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+  assert r.images.shape == (5, 16, 16, 3)
+  assert (r.images >= lo - 1e-6).all() and (r.images <= hi + 1e-6).all()
+  noise = synth.generate(synth_child.tiny_vit(), synth_child.tiny_params(synth_child.tiny_vit()),
+                         synth_child.tiny_config("noise"), progress=False)
+  assert not np.allclose(r.images, noise.images)  # the loop moved the pixels
+  np.testing.assert_allclose(r.targets.sum(-1), 1.0, rtol=1e-5)
+  assert r.targets.max(-1).min() < 1.0  # soft labels
+  assert r.region_targets.shape == (5, 4, 10)
+  # Deep half of 2 blocks = block 1 (1-based l=2 >= 1) and block 0 (l=1 >= 1).
+  assert r.apa_blocks == (0, 1) and r.priors[0].shape == (5, 2, 16)
+  with open(os.path.join(d, "config.json")) as f:
+    assert json.load(f)["method"] == "spdfq"
+  again = synth.generate(synth_child.tiny_vit(), None, synth_child.tiny_config(), workdir=workdir)
+  np.testing.assert_array_equal(again.images, r.images)  # finished run is loaded, not redone
+  with pytest.raises(ValueError, match="another config"):
+    synth.generate(synth_child.tiny_vit(), None, synth_child.tiny_config(seed=1), workdir=workdir)
+
+
+def test_four_devices_padded_batch_equals_one_device(reference, tmp_path):
+  _, ref = reference
+  out = subprocess.run([sys.executable, CHILD, str(tmp_path), "{}"], env=_child_env(4),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "devices 4" in out.stdout  # 5 images on 4 devices: padded to 8
+  np.testing.assert_allclose(_load(str(tmp_path)).images, ref.images, atol=2e-4)
+
+
+def test_killed_run_resumes_to_the_same_images(reference, tmp_path):
+  _, ref = reference
+  ckpt = tmp_path / "synthetic" / "checkpoints"
+  env = _child_env(cache=tmp_path / "jax_cache")
+  proc = subprocess.Popen([sys.executable, CHILD, str(tmp_path), "{}", "0.5"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
+        break
+      time.sleep(0.1)
+    assert proc.poll() is None, "run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not (tmp_path / "synthetic" / "result.npz").exists()
+  steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+  assert steps and max(steps) < 12
+  out = subprocess.run([sys.executable, CHILD, str(tmp_path), "{}"], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  np.testing.assert_allclose(_load(str(tmp_path)).images, ref.images, atol=1e-5)
+
+
+def test_nan_loss_names_step_and_term():
+  """PSAQ-ViT loop on a model whose head is NaN: the error names step, term, other terms."""
+  module = synth_child.tiny_vit()
+  params = synth_child.tiny_params(module)
+  params["head"]["bias"] = params["head"]["bias"] * np.nan
+  cfg = synth_child.tiny_config("psaq", iterations=2)
+  with pytest.raises(FloatingPointError, match=r"step 0: ce=nan") as err:
+    synth.generate(module, params, cfg, progress=False)
+  assert "'entropy'" in str(err.value) and "'tv'" in str(err.value)
+
+
+def test_swin_spdfq(tmp_path):
+  module = zoo.custom_swin(num_classes=10, img_size=16, patch_size=2, embed_dim=8, depths=(2, 2),
+                           num_heads=(2, 4), window_size=4)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  cfg = synth.default_config("spdfq", "swin")
+  assert cfg.lr == 0.25
+  cfg.update(num_images=3, iterations=4, warmup=1)
+  r = synth.generate(module, params, cfg, workdir=str(tmp_path), progress=False)
+  assert r.apa_blocks == (1, 2, 3)  # L = 4: l = 2, 3, 4
+  assert [p.shape for p in r.priors] == [(3, 2, 16), (3, 4, 16), (3, 4, 16)]
+  assert os.path.exists(tmp_path / "synthetic" / "attention.png")
