@@ -94,6 +94,22 @@ def set_fields(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def model_key(config: ml_collections.ConfigDict) -> dict:
+  """What identifies the FP model: name, path, and the file's size and mtime (new weights at
+  the same path must not reuse results)."""
+  key = config.model.to_dict()
+  path = config.model.checkpoint
+  if path and os.path.exists(path):
+    st = os.stat(path)
+    key["file"] = [st.st_size, int(st.st_mtime)]
+  return key
+
+
+def data_key(config: ml_collections.ConfigDict) -> dict:
+  """What identifies the data (the number of decoding threads does not)."""
+  return {k: v for k, v in config.data.to_dict().items() if k != "workers"}
+
+
 def parse_bits(spec: str) -> list[tuple[int, int]]:
   """'w4a4,w3a3' -> [(4, 4), (3, 3)]."""
   out = []
@@ -189,13 +205,13 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
                ) -> tuple[Optional[ml_collections.ConfigDict], str]:
   """(synthesis config or None for real images, its directory under workdir/synthetic)."""
   if method == REAL:
-    return None, f"{REAL}-{fingerprint(REAL, config.num_images, config.seed, config.data.to_dict())}"
+    return None, f"{REAL}-{fingerprint(REAL, config.num_images, config.seed, data_key(config))}"
   scfg = stages.synth_config(method, family_of(module))
   for k, v in set_fields(config.synth).items():
     _assign(scfg, k, v)
   scfg.num_images, scfg.seed = config.num_images, config.seed
   scfg.mean, scfg.std = tuple(pre.mean), tuple(pre.std)
-  return scfg, f"{method}-{fingerprint(scfg.to_dict())}"
+  return scfg, f"{method}-{fingerprint(scfg.to_dict(), model_key(config))}"
 
 
 def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collections.ConfigDict],
@@ -244,7 +260,7 @@ def quant_config(stages: Stages, config: ml_collections.ConfigDict, w_bits: int,
 
 
 def _fp_eval(module, params, data: Data, config, workdir: str, timings: dict) -> dict:
-  key = fingerprint(config.model.to_dict(), config.data.to_dict(), config.eval.to_dict())
+  key = fingerprint(model_key(config), data_key(config), config.eval.to_dict())
   path = os.path.join(workdir, f"fp_eval-{key}.json")
   cached = report.read_json(path)
   if cached is not None:
@@ -271,7 +287,7 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   qcfg = quant_config(stages, config, w_bits, a_bits)
   scfg, synth_name = synth_plan(stages, module, method, config, pre)
   synth_dir = os.path.join(workdir, "synthetic", synth_name)
-  key = fingerprint(synth_name, qcfg.to_dict(), config.model.to_dict(), config.data.to_dict(),
+  key = fingerprint(synth_name, qcfg.to_dict(), model_key(config), data_key(config),
                     config.eval.to_dict())
   row_dir = os.path.join(workdir, "rows", f"{method}_w{w_bits}a{a_bits}-{key}")
   export_path = os.path.join(row_dir, "quantized.safetensors")

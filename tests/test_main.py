@@ -26,6 +26,11 @@ def _tiny_model():
   return module, init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32))["params"]
 
 
+@functools.lru_cache(None)
+def _jit_apply():
+  return jax.jit(_tiny_model()[0].apply)
+
+
 class Killed(Exception):
   pass
 
@@ -66,7 +71,7 @@ class FakeStages:
       if self.kill_quantize:
         raise Killed()
     scale = json.load(open(marker))["scale"]
-    apply = jax.jit(module.apply)
+    apply = _jit_apply()
     class Q:
       timings = {"calibrate": 0.1, "reconstruct": 0.2}
       variables = {"params": params}
@@ -84,8 +89,8 @@ def _config(methods="spdfq", bits=""):
   c = fmnist_w4a4.get_config()
   c.unlock()
   c.methods, c.bits = methods, bits
-  c.eval.limit = 123  # not a multiple of the batch
-  c.eval.batch_size = 50
+  c.eval.limit = 23  # not a multiple of the batch
+  c.eval.batch_size = 10
   c.num_images = 4
   return c
 
@@ -104,7 +109,7 @@ def test_single_row_report_and_skip(tmp_path):
             "fp_top5", "quant_top5", "device_kind", "device_count", "packages", "timings"):
     assert k in data, k
   assert data["method"] == "spdfq" and data["w_bits"] == 4 and data["num_images"] == 4
-  assert data["rows"][0]["eval_count"] == 123 and data["fp_eval_count"] == 123
+  assert data["rows"][0]["eval_count"] == 23 and data["fp_eval_count"] == 23
   assert {"synthesize", "quantize", "evaluate", "export", "reconstruct"} <= set(data["timings"])
   assert "| fmnist_vit | spdfq | W4A4 | 4 |" in open(tmp_path / "report.md").read()
   assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}
@@ -154,3 +159,17 @@ def test_default_workdir_and_bits():
   assert main.parse_bits("w4a4, W3A3") == [(4, 4), (3, 3)]
   with pytest.raises(ValueError):
     main.parse_bits("4/4")
+
+
+def test_new_weights_at_the_same_path_are_not_reused(tmp_path):
+  ckpt = tmp_path / "model.safetensors"
+  ckpt.write_bytes(b"a")
+  c = _config()
+  c.model.checkpoint = str(ckpt)
+  scfg = lambda: main.synth_plan(FakeStages().stages(), _tiny_model()[0], "spdfq", c,
+                                 zoo.Preprocessing())[1]
+  before = scfg()
+  ckpt.write_bytes(b"bb")
+  assert scfg() != before
+  c.data.workers = 7
+  assert main.data_key(c) == main.data_key(_config())
