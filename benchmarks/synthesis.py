@@ -52,14 +52,18 @@ def timing_model(name: str):
   return zoo.build(name), (224, 224, 3)
 
 
-def _time(fn, args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + one warm run
-  ts = []
+def _time_pair(a, a_args, b, b_args, iters: int) -> tuple[float, float]:
+  """Min seconds of two functions timed alternately (the machine is shared: the min is the
+  least disturbed run, and alternating exposes both to the same background load)."""
+  jax.block_until_ready(a(*a_args))  # compile + one warm run
+  jax.block_until_ready(b(*b_args))
+  ta, tb = [], []
   for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
+    for fn, args, out in ((a, a_args, ta), (b, b_args, tb)):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      out.append(time.perf_counter() - t)
+  return min(ta), min(tb)
 
 
 def time_method(module, params, shape, method: str, iters: int) -> tuple[float, float]:
@@ -81,7 +85,6 @@ def time_method(module, params, shape, method: str, iters: int) -> tuple[float, 
   step = G.make_step(module, cfg, info, blocks, mesh)
   step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
   args = (params, x, state, fixed, np.int32(5), np.float32(0.1), np.int32(2), np.float32(100.))
-  t_step = _time(step, args, iters)
   r = cfg.msr_grid ** 2 if cfg.msr else 0
 
   @jax.jit
@@ -94,8 +97,7 @@ def time_method(module, params, shape, method: str, iters: int) -> tuple[float, 
     return jax.grad(f, argnums=(0, 1))(x, xr)
 
   xr = jnp.concatenate([x] * r) if r else jnp.zeros((0,) + shape)
-  t_bare = _time(bare, (params, x, xr), iters)
-  return t_step, t_bare
+  return _time_pair(step, args, bare, (params, x, xr), iters)
 
 
 def run_timing(models: list[str], methods: list[str], iters: int) -> None:

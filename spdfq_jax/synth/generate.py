@@ -161,13 +161,19 @@ def draw_priors(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
                                 tuple(cfg.sigma_range), cfg.prior)
 
 
-def _augment(x: jax.Array, key: jax.Array, limit: jax.Array, flip: bool) -> jax.Array:
-  """Random roll by up to +-limit px in both axes, then a random horizontal flip (one image)."""
+def augment(x: jax.Array, key: jax.Array, limit: jax.Array, flip: bool) -> jax.Array:
+  """Random roll by up to +-limit px along H and W, then a random horizontal flip.
+
+  One draw for the whole batch per step, as in PSAQ-ViT: a batch-wide roll is a cheap
+  dynamic slice (a per-image roll becomes a gather/scatter pair), and the draw depends on
+  (seed, step) only, never on the batch layout.
+  """
   kr, kf = jax.random.split(key)
   dy, dx = jax.random.randint(kr, (2,), -limit, limit + 1)
-  x = jnp.roll(x, (dy, dx), axis=(0, 1))
+  h, w = x.ndim - 3, x.ndim - 2
+  x = jnp.roll(x, (dy, dx), axis=(h, w))
   if flip:
-    x = jnp.where(jax.random.bernoulli(kf), x[:, ::-1], x)
+    x = jnp.where(jax.random.bernoulli(kf), jnp.flip(x, w), x)
   return x
 
 
@@ -179,10 +185,8 @@ def loss_terms(module, params: Any, x: jax.Array, fixed: dict, key: jax.Array,
   mask = fixed["mask"]
   n_valid = jnp.maximum(mask.sum(), 1.0)
   mean = lambda v: (v * mask).sum() / n_valid
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(fixed["index"])
-  k_aug, k_sel, k_raug = (jax.vmap(lambda k, s=s: jax.random.fold_in(k, s))(keys)
-                          for s in range(3))
-  xa = jax.vmap(lambda xi, ki: _augment(xi, ki, jitter, cfg.flip))(x, k_aug)
+  k_aug, k_raug, k_sel = jax.random.split(key, 3)
+  xa = augment(x, k_aug, jitter, cfg.flip)
   terms = {}
   if cfg.apa or cfg.entropy:
     logits, attns, attn_vs = taps.apply_with_attention(module, {"params": params}, xa)
@@ -200,9 +204,10 @@ def loss_terms(module, params: Any, x: jax.Array, fixed: dict, key: jax.Array,
   if cfg.msr:
     reg = regions.all_regions(x, cfg.msr_grid)  # (B, R, H, W, C)
     r = reg.shape[1]
-    sel = jax.vmap(lambda k: regions.select_regions(k, r, cfg.k_msr))(k_sel)  # (B, R)
-    rkeys = jax.vmap(lambda k: jax.random.split(k, r))(k_raug)
-    reg = jax.vmap(jax.vmap(lambda xi, ki: _augment(xi, ki, jitter, cfg.flip)))(reg, rkeys)
+    # Region choice per image, keyed by the image index: independent of the batch layout.
+    sel = jax.vmap(lambda i: regions.select_regions(jax.random.fold_in(k_sel, i), r, cfg.k_msr)
+                   )(fixed["index"])  # (B, R)
+    reg = augment(reg, k_raug, jitter, cfg.flip)
     rlogits = module.apply({"params": params}, reg.reshape((b * r,) + reg.shape[2:]))
     ce = losses.soft_cross_entropy(rlogits, fixed["region_targets"].reshape(b * r, -1))
     terms["msr"] = mean((ce.reshape(b, r) * sel).sum(-1))
