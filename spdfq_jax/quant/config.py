@@ -52,7 +52,7 @@ def default_config(w_bits: int = 4, a_bits: int = 4, preset: str = "full",
                 post_ln_granularity="channel" if preset != "calib" else "tensor")
   # Post-softmax attention: log2, log_sqrt2 (RepQ-ViT), shift_log2 (I&S-ViT) or uniform.
   # bits None = the activation bits; shift None = searched by MSE at calibration.
-  c.softmax = dict(bits=None, quantizer="log2", method="minmax", shift=None)
+  c.softmax = dict(bits=None, quantizer="log_sqrt2", method="minmax", shift=None)
   # fnmatch patterns over '/'-joined paths of points and kernels kept in full precision,
   # e.g. ['patch*', 'head*'] for the first and last layers. Default: none.
   c.keep_fp = []
