@@ -107,7 +107,8 @@ def _stat(results: dict, prefix: str) -> str:
           and k.count("/") == prefix.count("/") + 1]
   if not vals:
     return "-"
-  return f"{np.mean(vals):.2f} ± {np.std(vals):.2f}" + ("" if len(vals) == 3 else f" (n={len(vals)})")
+  n = "" if len(vals) == 3 else f" (n={len(vals)})"
+  return f"{np.mean(vals):.2f} ± {np.std(vals):.2f}{n}"
 
 
 def tables(results: dict, models: list[str]) -> str:
