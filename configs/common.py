@@ -38,7 +38,7 @@ MODELS = {
     "swin_base": "swin_base_patch4_window7_224",
 }
 
-# ImageNet top-1 (%) reported by the paper (docs/method.md), 32 images:
+# ImageNet top-1 (%) reported by the paper (arXiv 2412.16553), 32 images:
 # (model, method, 'wXaY') -> number. FP accuracies under (model, 'fp', '').
 PAPER: dict[tuple[str, str, str], float] = {}
 _W4A4 = {  # FP, noise, PSAQ-ViT, SPDFQ

@@ -5,7 +5,7 @@
 Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), and 32
 real training images as the upper reference; all 32 images, all through the same (best)
 quantization stage: scale reparameterisation + block-wise reconstruction. The table it
-printed is in README.md, next to the paper's ImageNet table (docs/method.md), whose
+printed is in README.md, next to the paper's ImageNet table, whose
 ordering (noise < PSAQ-ViT < SPDFQ < real) is what this small test bed can check.
 """
 import os

@@ -8,7 +8,7 @@ W4A4 with scale reparameterisation and block-wise reconstruction, evaluated on t
 10,000 test images. Iteration counts are cut from the paper's ImageNet settings (1000
 synthesis steps) so that the whole run takes a few minutes on two CPU cores; README.md
 records the figures it printed. The paper has no Fashion-MNIST numbers; its ImageNet
-W4A4 results are in configs/vit_base.py and docs/method.md.
+W4A4 results are in README.md and the per-model configs.
 """
 import os
 import sys
