@@ -16,7 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SYNTH = dict(iterations=100, warmup=10)
+# alpha1 (APA weight) is searched per model in the paper; on this ViT the default 1000 lets
+# the attention term swamp the class term (the FP model agreed with 1 of 32 targets,
+# W4A4 22.08%), 10 does not (14 of 32, W4A4 68.11%).
+SYNTH = dict(iterations=100, warmup=10, alpha1=10.0)
 
 
 def get_config(arg=None):
