@@ -6,6 +6,8 @@ import re
 import sys
 
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -210,3 +212,15 @@ def test_pth_with_torch(vit, tmp_path):
   torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
   _, got = models.load(module, path)
   assert jax_equal(got, params)
+
+
+def test_single_channel_checkpoint_loads(tmp_path):
+  """Grey-scale models (the Fashion-MNIST test bed) keep their 1-channel patch embedding."""
+  module = zoo.custom_vit(img_size=16, patch_size=8, width=24, depth=1, num_heads=2, num_classes=3)
+  x = jnp.ones((1, 16, 16, 1))
+  params = module.init(jax.random.PRNGKey(0), x)["params"]
+  path = str(tmp_path / "grey.safetensors")
+  native.save(path, module, params)
+  loaded, got = models.load(module, path)
+  assert got["patch_embed"]["kernel"].shape == (8, 8, 1, 24)
+  np.testing.assert_array_equal(loaded.apply({"params": got}, x), module.apply({"params": params}, x))

@@ -243,10 +243,19 @@ def augreg_to_flax(w: Mapping[str, np.ndarray]) -> tuple[Params, list[str]]:
 
 
 # ----------------------------------------------------------------------------- checking
-def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+def input_channels(flat_params: dict) -> int:
+  """Image channels a checkpoint was trained on (its patch-embedding kernel's input axis);
+  3 when it has none."""
+  for key in ("patch_embed/kernel", "patch_embed/proj/kernel"):
+    if key in flat_params and np.ndim(flat_params[key]) == 4:
+      return int(np.shape(flat_params[key])[2])
+  return 3
+
+
+def expected_shapes(module: nn.Module, channels: int = 3) -> dict[str, tuple[int, ...]]:
   """'/'-joined param path -> shape, from an abstract init (no memory, no compute)."""
   size = module.img_size
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
   tree = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
@@ -254,8 +263,8 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def check(module: nn.Module, params: Params, unused: Iterable[str] = (), source: str = "") -> None:
   """Raises one ValueError listing every missing, unused and wrongly shaped key."""
-  want = expected_shapes(module)
   got = flax.traverse_util.flatten_dict(params, sep="/")
+  want = expected_shapes(module, input_channels(got))
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want)) + list(unused)
   wrong = [f"{k}: checkpoint {tuple(np.shape(got[k]))}, model {want[k]}"
