@@ -31,8 +31,6 @@ from spdfq_jax import checkpoint, evaluate, parallel
 from spdfq_jax.data import fashion_mnist
 from spdfq_jax.models import native, zoo
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and the trained model.")
 
 
 def build_model(config: ml_collections.ConfigDict) -> zoo.Model:
@@ -209,4 +207,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that importing this module beside spdfq_jax.main
+  # (which owns the same flag names) does not clash.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and the trained model.")
   app.run(main)
