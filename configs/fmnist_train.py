@@ -3,8 +3,9 @@
   python -m spdfq_jax.tools.train_fp --config=configs/fmnist_train.py:vit --workdir=runs/fmnist_vit
   python -m spdfq_jax.tools.train_fp --config=configs/fmnist_train.py:swin --workdir=runs/fmnist_swin
 
-Expected: ViT (6 blocks, width 96, patch 4) and Swin (patch 2, window 4, three stages) at
-about 88-90% test top-1; spdfq_jax/assets/MODEL_CARD.md records the committed numbers.
+Expected: ViT (6 blocks, width 96, patch 4) 86.31% and Swin (patch 2, window 4, three
+stages) 88.69% test top-1 after 3 epochs (seed 0); spdfq_jax/assets/MODEL_CARD.md records
+commands, times and sizes. More epochs and `crop_pad=4` give higher accuracy when time allows.
 The model lands in WORKDIR/model.safetensors (native format), or at `config.output`.
 """
 import ml_collections
