@@ -119,6 +119,13 @@ def run_timing(models: list[str], methods: list[str], iters: int) -> None:
 ABLATION = [(a, m, s) for a in (False, True) for m in (False, True) for s in (False, True)]
 
 
+def ablation_rows(spec: str) -> list[tuple[bool, bool, bool]]:
+  """'all' -> the 8 APA/MSR/SL combinations; '101,011' -> those rows; '' -> none."""
+  if spec in ("", "all"):
+    return ABLATION if spec else []
+  return [tuple(c == "1" for c in item) for item in spec.split(",")]
+
+
 def load_asset(family: str):
   from spdfq_jax.models import native  # noqa: PLC0415
   path = os.path.join(os.path.dirname(zoo.__file__), "..", "assets", f"fmnist_{family}.safetensors")
@@ -136,7 +143,8 @@ def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
-                 rows: list[str], ablation: bool, workroot: str) -> None:
+                 rows: list[str], ablation: str, workroot: str,
+                 alpha1: float | None = None) -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   module, params, path = load_asset(family)
@@ -150,7 +158,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   print(f"FP top-1: {fp:.2f}\n")
   variants = [(r, None) for r in rows]
   if ablation:
-    variants += [("spdfq", v) for v in ABLATION]
+    variants += [("spdfq", v) for v in ablation_rows(ablation)]
   results = {}
   for row, abl in variants:
     for seed in seeds:
@@ -164,9 +172,18 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
           cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
         if abl is not None:
           cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
-        tag = f"{family}-{row}-{seed}-{iterations}" + ("" if abl is None else "-%d%d%d" % abl)
-        images = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
-                                progress=False).images
+        if alpha1 is not None:
+          cfg.alpha1 = alpha1
+        tag = (f"{family}-{row}-{seed}-{iterations}" + ("" if abl is None else "-%d%d%d" % abl)
+               + ("" if alpha1 is None else f"-a{alpha1:g}"))
+        result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
+                                progress=False)
+        images = result.images
+        # Data-free health check: does the FP model still see the target class?
+        agree = np.mean(np.asarray(jnp.argmax(module.apply({"params": params}, images), -1))
+                        == np.asarray(result.classes))
+        print(f"  {row} {abl} seed {seed}: FP agrees with the target class on "
+              f"{100 * agree:.0f}% of the images", flush=True)
       for w, a in bits:
         qm = quant.quantize(module, params, images, quant.default_config(w, a), progress=False)
         acc = top1(qm, x_test, y_test)
@@ -194,7 +211,7 @@ def print_tables(results, bits, rows, ablation) -> None:
   if ablation:
     print("\n| APA | MSR | SL | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits) + " |")
     print("|---|---|---|" + "---|" * len(bits))
-    for abl in ABLATION:
+    for abl in ablation_rows(ablation):
       print("| " + " | ".join("✓" if f else "" for f in abl) + " | "
             + " | ".join(_ms(results[("spdfq", abl, w, a)]) for w, a in bits) + " |")
 
@@ -211,15 +228,18 @@ def main() -> None:
   p.add_argument("--bits", default="4,4;3,3")
   p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
   p.add_argument("--rows", default="noise,inversion,psaq,spdfq,real")
-  p.add_argument("--ablation", action="store_true")
+  p.add_argument("--ablation", nargs="?", const="all", default="",
+                 help="add the APA/MSR/SL rows: all 8, or a comma list of 0/1 triples (APA MSR SL)"
+                      " such as 101,011")
   p.add_argument("--workroot", default="runs/bench_synth")
+  p.add_argument("--alpha1", type=float, default=None, help="APA weight (default: the config's)")
   a = p.parse_args()
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, [int(s) for s in a.seeds.split(",")], bits, a.iterations,
-                 a.rows.split(","), a.ablation, a.workroot)
+                 [r for r in a.rows.split(",") if r], a.ablation, a.workroot, a.alpha1)
 
 
 if __name__ == "__main__":
