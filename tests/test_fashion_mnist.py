@@ -134,7 +134,7 @@ def test_committed_checkpoint_reproduces_recorded_accuracy(name):
   channels = len(meta["preprocessing"]["mean"])
   x, y = fashion_mnist.load("test", channels=channels)
   result = evaluate.evaluate(lambda im: module.apply({"params": params}, im),
-                             fashion_mnist.batches(x, y, 500), 500, total=len(x))
+                             evaluate.batches_from_arrays(x, y, 500), 500, total=len(x))
   assert result["count"] == 10000
   assert abs(result["top1"] - meta["test_top1"]) <= 0.05
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -114,9 +114,3 @@ def load(split: str = "train", data_dir: Optional[str] = None, channels: int = 1
   images, labels = load_raw(split, data_dir)
   return normalise(images, channels), labels
 
-
-def batches(images: np.ndarray, labels: np.ndarray, batch_size: int
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """In-order batches (the last one may be short), the shape `evaluate.evaluate` takes."""
-  for i in range(0, len(images), batch_size):
-    yield images[i:i + batch_size], labels[i:i + batch_size]

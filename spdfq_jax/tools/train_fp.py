@@ -104,7 +104,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def test_accuracy(module: zoo.Model, params: Any, images: np.ndarray, labels: np.ndarray,
                   batch_size: int) -> dict:
   logits_fn = lambda x: module.apply({"params": params}, x)
-  return evaluate.evaluate(logits_fn, fashion_mnist.batches(images, labels, batch_size),
+  return evaluate.evaluate(logits_fn, evaluate.batches_from_arrays(images, labels, batch_size),
                            batch_size, total=len(images), desc="test")
 
 
