@@ -53,13 +53,8 @@ class Stages:
 
 def default_stages() -> Stages:
   from spdfq_jax import models, quant, synth  # pylint: disable=g-import-not-at-top
-  try:
-    from spdfq_jax.quant import export as export_lib  # pylint: disable=g-import-not-at-top
-    export = export_lib.save
-  except ImportError:
-    export = None
   return Stages(models.load, synth.default_config, synth.generate, quant.default_config,
-                quant.quantize, export)
+                quant.quantize, quant.export.save)
 
 
 # ----------------------------------------------------------------------------- helpers
