@@ -12,8 +12,12 @@ same job. With r1 = s / s~ and r2 = z - z~ (integers):
 x' = (x + s r2) / r1 then satisfies round(x' / s~) + z~ = round(x / s) + z exactly, and
 x' W' + b' = x W + b: the FP function is unchanged and the quantized one is the
 per-channel one. A layer without a bias (Swin's patch-merging reduction) cannot absorb
-the zero-point shift, so there only the scales are folded (r2 = 0) and the per-tensor
-range is the union of the folded channel ranges.
+the zero-point shift, so there only the scales are folded (r2 = 0) and the quantizer keeps
+its per-channel integer zero points z_c with the one scale s~: round(x' / s~) + z_c =
+round(x / s) + z exactly. Integer kernels take per-channel zero points for free (their
+sum against W is a constant int32 term of the accumulator), so this is as deployable as
+a per-tensor quantizer and loses nothing; a union range over the folded channels would
+widen the grid by the spread of z_c (a few of the 8 levels at 3 bits).
 """
 from __future__ import annotations
 
@@ -75,8 +79,5 @@ def reparameterize(params: Any, qstate: dict, cfg: ml_collections.ConfigDict
       p[linear + "/bias"] = p[linear + "/bias"] - (s * r2) @ w
       q[point + "/scale"], q[point + "/zero"] = s_t, z_t
     else:
-      lo = jnp.min((qmin - z) * s_t)
-      hi = jnp.max((qmax - z) * s_t)
-      q[point + "/scale"], q[point + "/zero"] = Q.scale_zero(lo, hi, cfg.acts.bits,
-                                                             cfg.acts.symmetric)
+      q[point + "/scale"] = s_t
   return _unflat(p), _unflat(q)
