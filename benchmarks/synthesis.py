@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import parallel, synth  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
@@ -169,13 +170,15 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         cfg = synth.default_config(row, family)
         cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
         if row != "noise":
+          # The demo's settings (no roll jitter, its alpha1), then this run's length.
+          cfg.update(**fmnist_w4a4.SYNTH)
           cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
         if abl is not None:
           cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
         if alpha1 is not None:
           cfg.alpha1 = alpha1
         tag = (f"{family}-{row}-{seed}-{iterations}" + ("" if abl is None else "-%d%d%d" % abl)
-               + ("" if alpha1 is None else f"-a{alpha1:g}"))
+               + (f"-a{cfg.alpha1:g}" if row == "spdfq" else ""))
         result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                                 progress=False)
         images = result.images
@@ -232,7 +235,8 @@ def main() -> None:
                  help="add the APA/MSR/SL rows: all 8, or a comma list of 0/1 triples (APA MSR SL)"
                       " such as 101,011")
   p.add_argument("--workroot", default="runs/bench_synth")
-  p.add_argument("--alpha1", type=float, default=None, help="APA weight (default: the config's)")
+  p.add_argument("--alpha1", type=float, default=None,
+                 help="APA weight (default: configs/fmnist_w4a4.py's)")
   a = p.parse_args()
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)

@@ -44,14 +44,17 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.b2 = 0.9
   c.eps = 1e-8
   c.warmup = 100
-  c.jitter = (15, 30)  # roll limit in px per round, at jitter_reference px input (open: scaling)
+  # Roll limit in px per round at jitter_reference px input (open: scaling). Set (0, 0) for
+  # a model trained without translation augmentation (the Fashion-MNIST assets).
+  c.jitter = (15, 30)
   c.jitter_reference = 224  # 0 = use `jitter` as given, whatever the input size
   c.flip = True
 
-  # TV prior (PSAQ-ViT form). tv_mode: 'min' minimises TV; 'target' minimises
-  # |TV - U(tv_target)| with the target scaled from 32 x 224 x 224 x 3 values to this batch.
+  # TV prior (PSAQ-ViT form). tv_mode: 'target' minimises |TV - U(tv_target)| with the
+  # target scaled from 32 x 224 x 224 x 3 values to this batch; 'min' minimises TV, which
+  # outweighs the class term and leaves the images far smoother than real ones (open).
   c.tv_weight = 0.05
-  c.tv_mode = "target" if method == "psaq" else "min"  # (open for inversion / spdfq)
+  c.tv_mode = "target"
   c.tv_target = (2500.0, 3000.0)
 
   # PSAQ-ViT patch-similarity entropy.
