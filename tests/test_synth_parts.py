@@ -89,6 +89,17 @@ def test_patch_entropy_drops_prefix_and_has_gradient():
   np.testing.assert_allclose(g[:, 0], 0.0)
 
 
+@pytest.mark.parametrize("windows", [1, 4])
+def test_patch_entropy_over_upper_triangle_equals_full_matrix(windows):
+  # The loss reads each symmetric similarity matrix once (upper triangle, doubled weights);
+  # it must equal the KDE entropy over all P x P entries (per image, pooled over windows).
+  b, p = 3, 9
+  av = jax.random.normal(jax.random.PRNGKey(1), (b * windows, 1 + p, 8))
+  full = np.asarray(losses.patch_similarity(av, 2, 1)).reshape(b, -1)
+  got = losses.patch_entropy_loss([av], [2], 1, b)
+  np.testing.assert_allclose(got, -_entropy_reference(full), rtol=1e-4)
+
+
 def test_tv_matches_psaq_form():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 7, 2))
   xt = np.asarray(x)

@@ -5,10 +5,11 @@ a batch to the device count never changes a real image's gradient.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # PSAQ-ViT's reference setting: the batch TV target U(2500, 3000) was set for this many
 # values (32 images of 224 x 224 x 3); other sizes scale it by sqrt(#values / this).
@@ -64,18 +65,23 @@ def apa_loss(attns: Sequence[jax.Array], priors: Sequence[jax.Array], blocks: Se
   return total
 
 
-def kde_entropy(values: jax.Array, bandwidth: float = 0.01, points: int = 10) -> jax.Array:
+def kde_entropy(values: jax.Array, bandwidth: float = 0.01, points: int = 10,
+                weights: Optional[np.ndarray] = None) -> jax.Array:
   """(B, M) samples -> (B,) differential entropy of a Gaussian KDE (PSAQ-ViT form).
 
   The density is evaluated at `points` points between each image's min and max (treated as
   constants, as PSAQ-ViT does), then -p log p (p + 1e-4) is integrated by trapezoids. One
-  reduction per point keeps memory at O(M) per image instead of O(points * M).
+  reduction per point keeps memory at O(M) per image instead of O(points * M). `weights`
+  (M,) count each sample that many times (a symmetric matrix given as its upper triangle).
   """
   lo = jax.lax.stop_gradient(values.min(-1))
   hi = jax.lax.stop_gradient(values.max(-1))
   norm = 1.0 / (bandwidth * jnp.sqrt(2 * jnp.pi))
+  if weights is None:
+    weights = np.ones(values.shape[-1], np.float32)
+  w = jnp.asarray(weights / weights.sum(), values.dtype)
   grid = [lo + (hi - lo) * t / (points - 1) for t in range(points)]
-  dens = jnp.stack([norm * jnp.exp(-0.5 * ((values - g[:, None]) / bandwidth) ** 2).mean(-1)
+  dens = jnp.stack([norm * (jnp.exp(-0.5 * ((values - g[:, None]) / bandwidth) ** 2) @ w)
                     for g in grid], -1)  # (B, points)
   p = dens + 1e-4
   f = -p * jnp.log(p)
@@ -92,16 +98,28 @@ def patch_similarity(attn_v: jax.Array, heads: int, prefix: int) -> jax.Array:
   return jnp.einsum("bpd,bqd->bpq", h, h)
 
 
+def upper_triangle(p: int) -> tuple[np.ndarray, np.ndarray]:
+  """Flat indices of a (p, p) matrix's upper triangle and their multiplicities (2 off the
+  diagonal, 1 on it): the KDE of a symmetric matrix at half the exps."""
+  rows, cols = np.triu_indices(p)
+  return rows * p + cols, np.where(rows == cols, 1.0, 2.0).astype(np.float32)
+
+
 def patch_entropy_loss(attn_vs: Sequence[jax.Array], heads: Sequence[int], prefix: int,
                        batch: int, bandwidth: float = 0.01, points: int = 10) -> jax.Array:
-  """(B,) PSAQ-ViT's patch-similarity term: minus the sum over blocks of the KDE entropy.
+  """(B,) PSAQ-ViT's patch-similarity term: minus the sum over blocks of the KDE entropy of
+  all P x P similarities (computed over the symmetric matrix's upper triangle).
 
   Swin: similarities are taken inside each window and pooled per image.
   """
   total = 0.0
   for av, h in zip(attn_vs, heads):
-    sims = patch_similarity(av, h, prefix).reshape(batch, -1)
-    total = total - kde_entropy(sims, bandwidth, points)
+    sims = patch_similarity(av, h, prefix)
+    idx, mult = upper_triangle(sims.shape[-1])
+    per_window = sims.reshape(sims.shape[0], -1)[:, idx]  # (B', T)
+    windows = per_window.shape[0] // batch
+    values = per_window.reshape(batch, -1)
+    total = total - kde_entropy(values, bandwidth, points, np.tile(mult, windows))
   return total
 
 
