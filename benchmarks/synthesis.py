@@ -31,6 +31,7 @@ import optax  # noqa: E402
 
 from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import parallel, synth  # noqa: E402
+from spdfq_jax.synth import regions  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
@@ -130,8 +131,6 @@ def ablation_rows(spec: str) -> list[tuple[bool, bool, bool]]:
 def load_asset(family: str):
   from spdfq_jax.models import native  # noqa: PLC0415
   path = os.path.join(os.path.dirname(zoo.__file__), "..", "assets", f"fmnist_{family}.safetensors")
-  alt = f"/tmp/fmnist_{family}_provisional.safetensors"
-  path = path if os.path.exists(path) else alt
   module, params, meta = native.load(path)
   return module, params, path
 
@@ -177,16 +176,22 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
           cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
         if alpha1 is not None:
           cfg.alpha1 = alpha1
-        tag = (f"{family}-{row}-{seed}-{iterations}" + ("" if abl is None else "-%d%d%d" % abl)
+        # The all-on ablation row is the spdfq row: same tag, synthesised once.
+        abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
+        tag = (f"{family}-{row}-{seed}-{iterations}" + abl_tag
                + (f"-a{cfg.alpha1:g}" if row == "spdfq" else ""))
         result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                                 progress=False)
         images = result.images
         # Data-free health check: does the FP model still see the target class?
-        agree = np.mean(np.asarray(jnp.argmax(module.apply({"params": params}, images), -1))
-                        == np.asarray(result.classes))
-        print(f"  {row} {abl} seed {seed}: FP agrees with the target class on "
-              f"{100 * agree:.0f}% of the images", flush=True)
+        fp_class = lambda x: np.asarray(jnp.argmax(module.apply({"params": params}, x), -1))
+        agree = np.mean(fp_class(images) == result.classes)
+        msg = f"{100 * agree:.0f}% of the images"
+        if result.region_classes is not None:
+          reg = regions.all_regions(jnp.asarray(images), cfg.msr_grid)
+          got = fp_class(reg.reshape((-1,) + reg.shape[2:])).reshape(reg.shape[:2])
+          msg += f", {100 * np.mean(got == result.region_classes):.0f}% of the MSR regions"
+        print(f"  {row} {abl} seed {seed}: FP agrees with the target class on {msg}", flush=True)
       for w, a in bits:
         qm = quant.quantize(module, params, images, quant.default_config(w, a), progress=False)
         acc = top1(qm, x_test, y_test)
