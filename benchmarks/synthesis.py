@@ -8,7 +8,8 @@
   python benchmarks/synthesis.py accuracy [--seeds 0,1,2] [--iterations 100] [--family vit]
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
       32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
-      seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset.
+      seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
+      `--preset reparam` stops at calibration + reparameterisation (no reconstruction).
 Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -144,7 +145,7 @@ def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
-                 alpha1: float | None = None) -> None:
+                 alpha1: float | None = None, preset: str = "full") -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   module, params, path = load_asset(family)
@@ -152,7 +153,8 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
                   else params["patch_embed"])["kernel"].shape[2])
   x_test, y_test = fm.load("test", None, channels)
   x_train_u8, _ = fm.load_raw("train", None)
-  print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n")
+  print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
+        f"quantization preset {preset}\n")
   fp = top1(type("FP", (), {"logits": staticmethod(jax.jit(
       lambda x: module.apply({"params": params}, x)))})(), x_test, y_test)
   print(f"FP top-1: {fp:.2f}\n")
@@ -193,7 +195,8 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
           msg += f", {100 * np.mean(got == result.region_classes):.0f}% of the MSR regions"
         print(f"  {row} {abl} seed {seed}: FP agrees with the target class on {msg}", flush=True)
       for w, a in bits:
-        qm = quant.quantize(module, params, images, quant.default_config(w, a), progress=False)
+        qm = quant.quantize(module, params, images, quant.default_config(w, a, preset),
+                            progress=False)
         acc = top1(qm, x_test, y_test)
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
@@ -242,13 +245,15 @@ def main() -> None:
   p.add_argument("--workroot", default="runs/bench_synth")
   p.add_argument("--alpha1", type=float, default=None,
                  help="APA weight (default: configs/fmnist_w4a4.py's)")
+  p.add_argument("--preset", default="full", choices=["calib", "reparam", "full"],
+                 help="quantization stage: full = (c) + reconstruction, reparam = (b)")
   a = p.parse_args()
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, [int(s) for s in a.seeds.split(",")], bits, a.iterations,
-                 [r for r in a.rows.split(",") if r], a.ablation, a.workroot, a.alpha1)
+                 [r for r in a.rows.split(",") if r], a.ablation, a.workroot, a.alpha1, a.preset)
 
 
 if __name__ == "__main__":
