@@ -132,7 +132,7 @@ def ablation_rows(spec: str) -> list[tuple[bool, bool, bool]]:
 def load_asset(family: str):
   from spdfq_jax.models import native  # noqa: PLC0415
   path = os.path.join(os.path.dirname(zoo.__file__), "..", "assets", f"fmnist_{family}.safetensors")
-  module, params, meta = native.load(path)
+  module, params, _ = native.load(path)
   return module, params, path
 
 
