@@ -5,6 +5,9 @@
       model forward+backward (same model evaluations, loss = sum of logits) and the loss
       overhead (taps, APA/entropy/TV/CE, MSR crop+resize, Adam, clamp) = step - bare.
       Method `spdfq_nomsr` = SPDFQ without the 4 MSR region evaluations per image.
+  python benchmarks/synthesis.py synthesize [same flags as accuracy]
+      Only the synthetic sets, cached under --workroot (e.g. on a GPU; `accuracy` then reads
+      them from the same workroot).
   python benchmarks/synthesis.py accuracy [--seeds 0,1,2] [--iterations 100] [--family vit]
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
       32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
@@ -143,6 +146,64 @@ def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
   return 100.0 * correct / len(x)
 
 
+def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
+                  workroot: str, alpha1: float | None, channels: int, x_train_u8=None
+                  ) -> np.ndarray:
+  """The 32 calibration images of one source; synthetic sets are cached under workroot by a
+  tag of (family, row, seed, iterations, ablation, alpha1), so `synthesize` (e.g. on a GPU)
+  and `accuracy` (here) share them."""
+  from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
+  if row == "real":
+    idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
+    return fm.normalise(x_train_u8[idx], channels)
+  cfg = synth.default_config(row, family)
+  cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
+  if row != "noise":
+    # The demo's settings (no roll jitter, its alpha1), then this run's length.
+    cfg.update(**fmnist_w4a4.SYNTH)
+    cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
+  if abl is not None:
+    cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
+  if alpha1 is not None:
+    cfg.alpha1 = alpha1
+  # The all-on ablation row is the spdfq row: same tag, synthesised once.
+  abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
+  tag = (f"{family}-{row}-{seed}-{iterations}" + abl_tag
+         + (f"-a{cfg.alpha1:g}" if row == "spdfq" else ""))
+  t = time.perf_counter()
+  result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
+                          progress=False)
+  # Data-free health check: does the FP model still see the target class?
+  fp_class = lambda x: np.asarray(jnp.argmax(module.apply({"params": params}, x), -1))
+  agree = np.mean(fp_class(result.images) == result.classes)
+  msg = f"{100 * agree:.0f}% of the images"
+  if result.region_classes is not None:
+    reg = regions.all_regions(jnp.asarray(result.images), cfg.msr_grid)
+    got = fp_class(reg.reshape((-1,) + reg.shape[2:])).reshape(reg.shape[:2])
+    msg += f", {100 * np.mean(got == result.region_classes):.0f}% of the MSR regions"
+  print(f"  {tag}: FP agrees with the target class on {msg} "
+        f"({time.perf_counter() - t:.1f} s)", flush=True)
+  return result.images
+
+
+def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
+  out = [(r, None) for r in rows]
+  return out + ([("spdfq", v) for v in ablation_rows(ablation)] if ablation else [])
+
+
+def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
+                   ablation: str, workroot: str, alpha1: float | None = None) -> None:
+  """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
+  module, params, path = load_asset(family)
+  channels = int((params["patch_embed"]["proj"] if family == "swin"
+                  else params["patch_embed"])["kernel"].shape[2])
+  print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n", flush=True)
+  for seed in seeds:
+    for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
+      source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
+                    channels)
+
+
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
                  alpha1: float | None = None, preset: str = "full") -> None:
@@ -158,42 +219,11 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   fp = top1(type("FP", (), {"logits": staticmethod(jax.jit(
       lambda x: module.apply({"params": params}, x)))})(), x_test, y_test)
   print(f"FP top-1: {fp:.2f}\n")
-  variants = [(r, None) for r in rows]
-  if ablation:
-    variants += [("spdfq", v) for v in ablation_rows(ablation)]
   results = {}
-  for row, abl in variants:
+  for row, abl in variants(rows, ablation):
     for seed in seeds:
-      if row == "real":
-        idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
-        images = fm.normalise(x_train_u8[idx], channels)
-      else:
-        cfg = synth.default_config(row, family)
-        cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
-        if row != "noise":
-          # The demo's settings (no roll jitter, its alpha1), then this run's length.
-          cfg.update(**fmnist_w4a4.SYNTH)
-          cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
-        if abl is not None:
-          cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
-        if alpha1 is not None:
-          cfg.alpha1 = alpha1
-        # The all-on ablation row is the spdfq row: same tag, synthesised once.
-        abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
-        tag = (f"{family}-{row}-{seed}-{iterations}" + abl_tag
-               + (f"-a{cfg.alpha1:g}" if row == "spdfq" else ""))
-        result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
-                                progress=False)
-        images = result.images
-        # Data-free health check: does the FP model still see the target class?
-        fp_class = lambda x: np.asarray(jnp.argmax(module.apply({"params": params}, x), -1))
-        agree = np.mean(fp_class(images) == result.classes)
-        msg = f"{100 * agree:.0f}% of the images"
-        if result.region_classes is not None:
-          reg = regions.all_regions(jnp.asarray(images), cfg.msr_grid)
-          got = fp_class(reg.reshape((-1,) + reg.shape[2:])).reshape(reg.shape[:2])
-          msg += f", {100 * np.mean(got == result.region_classes):.0f}% of the MSR regions"
-        print(f"  {row} {abl} seed {seed}: FP agrees with the target class on {msg}", flush=True)
+      images = source_images(module, params, family, row, abl, seed, iterations, workroot,
+                             alpha1, channels, x_train_u8)
       for w, a in bits:
         qm = quant.quantize(module, params, images, quant.default_config(w, a, preset),
                             progress=False)
@@ -229,7 +259,7 @@ def print_tables(results, bits, rows, ablation) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("what", choices=["timing", "accuracy"])
+  p.add_argument("what", choices=["timing", "synthesize", "accuracy"])
   p.add_argument("--models", default="fmnist_vit,deit_tiny_patch16_224,deit_small_patch16_224,"
                                      "vit_base_patch16_224")
   p.add_argument("--methods", default="psaq,spdfq")
@@ -248,12 +278,16 @@ def main() -> None:
   p.add_argument("--preset", default="full", choices=["calib", "reparam", "full"],
                  help="quantization stage: full = (c) + reconstruction, reparam = (b)")
   a = p.parse_args()
+  seeds = [int(s) for s in a.seeds.split(",")]
+  rows = [r for r in a.rows.split(",") if r]
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
+  elif a.what == "synthesize":
+    run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
-    run_accuracy(a.family, [int(s) for s in a.seeds.split(",")], bits, a.iterations,
-                 [r for r in a.rows.split(",") if r], a.ablation, a.workroot, a.alpha1, a.preset)
+    run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
+                 a.preset)
 
 
 if __name__ == "__main__":
