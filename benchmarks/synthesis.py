@@ -12,7 +12,9 @@
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
       32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
-      `--preset reparam` stops at calibration + reparameterisation (no reconstruction).
+      `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
+      `--quant recon_iters=20,...` overrides quantization settings; `--eval-split train10k`
+      scores on the last 10,000 training images, to compare settings without the test split.
 Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -147,11 +149,11 @@ def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
 
 
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
-                  workroot: str, alpha1: float | None, channels: int, x_train_u8=None
-                  ) -> np.ndarray:
+                  workroot: str, alpha1: float | None, channels: int, x_train_u8=None,
+                  prior: str = "gmm") -> np.ndarray:
   """The 32 calibration images of one source; synthetic sets are cached under workroot by a
-  tag of (family, row, seed, iterations, ablation, alpha1), so `synthesize` (e.g. on a GPU)
-  and `accuracy` (here) share them."""
+  tag of (family, row, seed, iterations, ablation, alpha1, prior), so `synthesize` (e.g. on
+  a GPU) and `accuracy` (here) share them."""
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   if row == "real":
     idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
@@ -166,13 +168,20 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
   if alpha1 is not None:
     cfg.alpha1 = alpha1
+  real_prior_images = None
+  if prior != "gmm" and cfg.apa:
+    cfg.prior = prior
+    if prior == "real":  # the FP model's attention on 32 other training images
+      idx = np.sort(np.random.default_rng(1000 + seed).choice(len(x_train_u8), 32, replace=False))
+      real_prior_images = fm.normalise(x_train_u8[idx], channels)
   # The all-on ablation row is the spdfq row: same tag, synthesised once.
   abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
   tag = (f"{family}-{row}-{seed}-{iterations}" + abl_tag
-         + (f"-a{cfg.alpha1:g}" if row == "spdfq" else ""))
+         + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
+         + (f"-{prior}" if cfg.prior != "gmm" else ""))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
-                          progress=False)
+                          progress=False, real_images=real_prior_images)
   # Data-free health check: does the FP model still see the target class?
   fp_class = lambda x: np.asarray(jnp.argmax(module.apply({"params": params}, x), -1))
   agree = np.mean(fp_class(result.images) == result.classes)
@@ -192,30 +201,40 @@ def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
 
 
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
-                   ablation: str, workroot: str, alpha1: float | None = None) -> None:
+                   ablation: str, workroot: str, alpha1: float | None = None,
+                   prior: str = "gmm") -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family)
   channels = int((params["patch_embed"]["proj"] if family == "swin"
                   else params["patch_embed"])["kernel"].shape[2])
+  x_train_u8 = None
+  if prior == "real":
+    from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
+    x_train_u8 = fm.load_raw("train", None)[0]
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n", flush=True)
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
       source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
-                    channels)
+                    channels, x_train_u8, prior)
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
-                 alpha1: float | None = None, preset: str = "full") -> None:
+                 alpha1: float | None = None, preset: str = "full",
+                 quant_overrides: dict | None = None, eval_split: str = "test",
+                 prior: str = "gmm") -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   module, params, path = load_asset(family)
   channels = int((params["patch_embed"]["proj"] if family == "swin"
                   else params["patch_embed"])["kernel"].shape[2])
-  x_test, y_test = fm.load("test", None, channels)
-  x_train_u8, _ = fm.load_raw("train", None)
+  x_train_u8, y_train = fm.load_raw("train", None)
+  if eval_split == "test":
+    x_test, y_test = fm.load("test", None, channels)
+  else:  # settings are chosen without reading the test split
+    x_test, y_test = fm.normalise(x_train_u8[-10000:], channels), y_train[-10000:]
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
-        f"quantization preset {preset}\n")
+        f"quantization preset {preset} {quant_overrides or ''}; evaluated on {eval_split}\n")
   fp = top1(type("FP", (), {"logits": staticmethod(jax.jit(
       lambda x: module.apply({"params": params}, x)))})(), x_test, y_test)
   print(f"FP top-1: {fp:.2f}\n")
@@ -223,9 +242,10 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   for row, abl in variants(rows, ablation):
     for seed in seeds:
       images = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                             alpha1, channels, x_train_u8)
+                             alpha1, channels, x_train_u8, prior)
       for w, a in bits:
-        qm = quant.quantize(module, params, images, quant.default_config(w, a, preset),
+        qm = quant.quantize(module, params, images, quant.default_config(w, a, preset,
+                                                                   **(quant_overrides or {})),
                             progress=False)
         acc = top1(qm, x_test, y_test)
         results.setdefault((row, abl, w, a), []).append(acc)
@@ -257,6 +277,21 @@ def print_tables(results, bits, rows, ablation) -> None:
             + " | ".join(_ms(results[("spdfq", abl, w, a)]) for w, a in bits) + " |")
 
 
+def parse_overrides(spec: str) -> dict:
+  """'recon_iters=20,recon_lr=1e-5,recon_train=kernels' -> typed keyword overrides."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    key, value = item.split("=")
+    try:
+      out[key] = int(value)
+    except ValueError:
+      try:
+        out[key] = float(value)
+      except ValueError:
+        out[key] = value
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("what", choices=["timing", "synthesize", "accuracy"])
@@ -277,17 +312,25 @@ def main() -> None:
                  help="APA weight (default: configs/fmnist_w4a4.py's)")
   p.add_argument("--preset", default="full", choices=["calib", "reparam", "full"],
                  help="quantization stage: full = (c) + reconstruction, reparam = (b)")
+  p.add_argument("--prior", default="gmm", choices=["gmm", "laplace", "real"],
+                 help="APA prior; real = the FP model's attention on 32 training images")
+  p.add_argument("--quant", default="",
+                 help="quantization overrides, e.g. recon_train=kernels,recon_iters=20")
+  p.add_argument("--eval-split", default="test", choices=["test", "train10k"],
+                 help="train10k = the last 10,000 training images, for choosing settings "
+                      "without the test split")
   a = p.parse_args()
   seeds = [int(s) for s in a.seeds.split(",")]
   rows = [r for r in a.rows.split(",") if r]
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   elif a.what == "synthesize":
-    run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1)
+    run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
+                   a.prior)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                 a.preset)
+                 a.preset, parse_overrides(a.quant), a.eval_split, a.prior)
 
 
 if __name__ == "__main__":
