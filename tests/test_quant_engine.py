@@ -168,6 +168,25 @@ def test_reconstruction_improves_resumes_and_exports_int4(tmp_path, images, monk
                                 np.asarray(qm.logits(images)))
 
 
+def test_reconstruction_kernels_only_trains_only_kernels(images):
+  """recon.train='kernels' moves every kernel and nothing else (class token, position
+  table, biases and LayerNorm stay), including units whose path is itself a leaf."""
+  module = zoo.custom_vit(img_size=32, patch_size=8, width=32, depth=1, num_heads=2,
+                          num_classes=10)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
+  cfg = quant.default_config(4, 4, preset="calib", recon_iters=3, recon_lr=1e-2,
+                             recon_batch_size=N, recon_train="kernels")
+  qs = quant.calibrate(module, params, images, cfg)
+  ws = quant.weight_state(params, cfg)
+  out, _ = quant.reconstruct(module, params, qs, ws, images, cfg, progress=False)
+  before = flax.traverse_util.flatten_dict(params, sep="/")
+  after = flax.traverse_util.flatten_dict(out, sep="/")
+  assert any(k.count("/") == 0 for k in before)  # a top-level leaf (cls / pos_embed) exists
+  for k, v in before.items():
+    moved = not np.array_equal(np.asarray(v), np.asarray(after[k]))
+    assert moved == k.endswith("kernel"), k
+
+
 def test_quantize_export_int8_and_integer_dense(tmp_path, images):
   module = _tiny("vit")
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]

@@ -100,7 +100,10 @@ def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
   tx = optax.adam(optax.cosine_decay_schedule(r.lr, r.iters))
   if r.train == "all":
     return tx
-  mask = {p: jax.tree_util.tree_map_with_path(lambda kp, _: kp[-1].key == "kernel", t)
+  # A unit path can itself be a leaf (the class token, the position table): judge the full
+  # path, not only the keys inside the subtree.
+  mask = {p: jax.tree_util.tree_map_with_path(
+      lambda kp, _, p=p: (p + tuple(k.key for k in kp))[-1] == "kernel", t)
           for p, t in trainable.items()}
   return optax.chain(optax.masked(tx, mask),
                      optax.masked(optax.set_to_zero(),
