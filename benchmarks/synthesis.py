@@ -141,6 +141,11 @@ def load_asset(family: str):
   return module, params, path
 
 
+def input_channels(params, family: str) -> int:
+  embed = params["patch_embed"]["proj"] if family == "swin" else params["patch_embed"]
+  return int(embed["kernel"].shape[2])
+
+
 def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
   correct = 0
   for i in range(0, len(x), batch):
@@ -205,8 +210,7 @@ def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[st
                    prior: str = "gmm") -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family)
-  channels = int((params["patch_embed"]["proj"] if family == "swin"
-                  else params["patch_embed"])["kernel"].shape[2])
+  channels = input_channels(params, family)
   x_train_u8 = None
   if prior == "real":
     from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
@@ -226,8 +230,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   from spdfq_jax import quant  # noqa: PLC0415
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   module, params, path = load_asset(family)
-  channels = int((params["patch_embed"]["proj"] if family == "swin"
-                  else params["patch_embed"])["kernel"].shape[2])
+  channels = input_channels(params, family)
   x_train_u8, y_train = fm.load_raw("train", None)
   if eval_split == "test":
     x_test, y_test = fm.load("test", None, channels)
