@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -35,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import quant_engine as qe  # noqa: E402
 from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import parallel, synth  # noqa: E402
 from spdfq_jax.synth import regions  # noqa: E402
@@ -136,21 +138,9 @@ def ablation_rows(spec: str) -> list[tuple[bool, bool, bool]]:
 
 def load_asset(family: str):
   from spdfq_jax.models import native  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(zoo.__file__), "..", "assets", f"fmnist_{family}.safetensors")
+  path = os.path.join(qe.ASSETS, f"fmnist_{family}.safetensors")
   module, params, _ = native.load(path)
   return module, params, path
-
-
-def input_channels(params, family: str) -> int:
-  embed = params["patch_embed"]["proj"] if family == "swin" else params["patch_embed"]
-  return int(embed["kernel"].shape[2])
-
-
-def top1(qm, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
-  correct = 0
-  for i in range(0, len(x), batch):
-    correct += int((np.asarray(qm.logits(jnp.asarray(x[i:i + batch]))).argmax(-1) == y[i:i + batch]).sum())
-  return 100.0 * correct / len(x)
 
 
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
@@ -210,7 +200,7 @@ def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[st
                    prior: str = "gmm") -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family)
-  channels = input_channels(params, family)
+  channels = qe.in_channels(params)
   x_train_u8 = None
   if prior == "real":
     from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
@@ -230,7 +220,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   from spdfq_jax import quant  # noqa: PLC0415
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   module, params, path = load_asset(family)
-  channels = input_channels(params, family)
+  channels = qe.in_channels(params)
   x_train_u8, y_train = fm.load_raw("train", None)
   if eval_split == "test":
     x_test, y_test = fm.load("test", None, channels)
@@ -238,8 +228,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
     x_test, y_test = fm.normalise(x_train_u8[-10000:], channels), y_train[-10000:]
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
         f"quantization preset {preset} {quant_overrides or ''}; evaluated on {eval_split}\n")
-  fp = top1(type("FP", (), {"logits": staticmethod(jax.jit(
-      lambda x: module.apply({"params": params}, x)))})(), x_test, y_test)
+  fp = qe.top1(module, {"params": params}, x_test, y_test, 1000)
   print(f"FP top-1: {fp:.2f}\n")
   results = {}
   for row, abl in variants(rows, ablation):
@@ -250,7 +239,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         qm = quant.quantize(module, params, images, quant.default_config(w, a, preset,
                                                                    **(quant_overrides or {})),
                             progress=False)
-        acc = top1(qm, x_test, y_test)
+        acc = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
   print_tables(results, bits, rows, ablation)
