@@ -94,7 +94,7 @@ def time_method(module, params, shape, method: str, iters: int) -> tuple[float, 
                                  jnp.zeros_like(x), jnp.zeros_like(x))
   step = G.make_step(module, cfg, info, blocks, mesh)
   step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
-  args = (params, x, state, fixed, np.int32(5), np.float32(0.1), np.int32(2), np.float32(100.))
+  args = (params, x, state, fixed, G.make_plan(cfg, info).row(5))
   r = cfg.msr_grid ** 2 if cfg.msr else 0
 
   @jax.jit

@@ -35,8 +35,8 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.std = IMAGENET_STD
   c.seed = 0
 
-  # Optimiser (PSAQ-ViT loop): Adam on pixels, `rounds` restarts, each with linear warm-up
-  # and cosine decay to zero; Adam moments restart with each round (open).
+  # Optimiser (PSAQ-ViT's loop): one Adam on the pixels for the whole run; the lr schedule
+  # restarts each round: base * (t + 1) / warmup for t < warmup, then cosine towards zero.
   c.iterations = 1000
   c.rounds = 2
   c.lr = 0.25 if family == "swin" else 0.2
@@ -49,9 +49,13 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.jitter = (15, 30)
   c.jitter_reference = 224  # 0 = use `jitter` as given, whatever the input size
   c.flip = True
+  # The start N(0, 1) is not clamped (PSAQ-ViT clips only after each step); True clamps it
+  # to the pixel range (then the noise baseline is clamped noise too).
+  c.clamp_init = False
 
-  # TV prior (PSAQ-ViT form). tv_mode: 'target' minimises |TV - U(tv_target)| with the
-  # target scaled from 32 x 224 x 224 x 3 values to this batch; 'min' minimises TV, which
+  # TV prior (PSAQ-ViT form), on the jittered image. tv_mode: 'target' minimises
+  # |TV - U(tv_target)| (drawn once per run) with the target scaled from
+  # 32 x 224 x 224 x 3 values to this batch; 'min' minimises TV, which
   # outweighs the class term and leaves the images far smoother than real ones (open).
   c.tv_weight = 0.05
   c.tv_mode = "target"
@@ -62,6 +66,11 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.entropy_weight = 1.0
   c.entropy_bandwidth = 0.01
   c.entropy_points = 10
+  # KDE grid span: 'batch' = min..max over all valid images (PSAQ-ViT); 'image' = each
+  # image's own min..max (keeps images independent of each other).
+  c.entropy_grid = "batch"
+  # Swin: PSAQ-ViT drops token 0 of every window (`[:, 1:]`); True keeps all of them.
+  c.entropy_swin_all_tokens = False
 
   # SPDFQ switches (independent: the 8-row ablation flips them).
   spdfq = method == "spdfq"

@@ -25,23 +25,28 @@ from spdfq_jax.synth import losses, priors as priors_lib, regions
 
 SUBDIR = "synthetic"
 RESULT = "result.npz"
+DIAGNOSTICS = "diagnostics.json"
 CONFIG = "config.json"
 
 # Stream ids, one per kind of randomness (priors use 3, see priors.py; steps fold 4 into
-# the JAX key of the jitted step).
-_INIT, _LABELS, _STEPS = 1, 2, 4
+# the JAX key of the jitted step; 5 is the per-step plan).
+_INIT, _LABELS, _STEPS, _PLAN = 1, 2, 4, 5
 
 
 @dataclasses.dataclass
 class SynthResult:
-  """Synthetic calibration set. Images are NHWC, normalised and clamped to the pixel range."""
+  """Synthetic calibration set. Images are NHWC and normalised; optimised images lie in the
+  valid pixel range (the noise baseline is raw N(0, 1) unless `clamp_init`)."""
   images: np.ndarray  # (n, H, W, C) float32
   classes: np.ndarray  # (n,) int32 target class of each whole image
   targets: np.ndarray  # (n, num_classes) soft (SL) or one-hot targets
   region_classes: Optional[np.ndarray] = None  # (n, R) MSR classes
   region_targets: Optional[np.ndarray] = None  # (n, R, num_classes)
-  priors: Optional[list[np.ndarray]] = None  # APA priors, one (n, heads, G) per APA block
+  # APA priors, one (n, heads, G) per APA block; drawn for every method (APA aligns to
+  # them, the other methods are measured against them).
+  priors: Optional[list[np.ndarray]] = None
   apa_blocks: tuple[int, ...] = ()  # 0-based block index of each prior
+  diagnostics: dict = dataclasses.field(default_factory=dict)  # see `diagnostics`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,8 @@ def model_info(module, params: Any, cfg: ml_collections.ConfigDict) -> ModelInfo
 
 
 def apa_block_indices(info: ModelInfo, cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """0-based blocks that APA aligns: the deeper half (1-based l >= L/2) or all."""
+  """0-based blocks that APA aligns (and every method is measured on): the deeper half
+  (1-based l >= L/2) or all."""
   if cfg.apa_blocks == "all":
     return tuple(range(info.depth))
   if cfg.apa_blocks != "deep":
@@ -95,24 +101,25 @@ def _rng(cfg: ml_collections.ConfigDict, stream: int, index: int) -> np.random.G
 
 
 def initial_images(cfg: ml_collections.ConfigDict, info: ModelInfo) -> np.ndarray:
-  """N(0, 1) in normalised space, clamped: the noise baseline and every loop's start."""
-  lo, hi = pixel_range(cfg, info.image_shape[-1])
+  """N(0, 1) in normalised space: the noise baseline and every loop's start.
+
+  Not clamped, as in PSAQ-ViT (the loop clips after each step); `clamp_init` clamps it.
+  """
   x = np.stack([_rng(cfg, _INIT, i).standard_normal(info.image_shape, np.float32)
                 for i in range(cfg.num_images)])
-  return np.clip(x, lo, hi).astype(np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
+  if cfg.clamp_init:
+    lo, hi = pixel_range(cfg, info.image_shape[-1])
+    x = np.clip(x, lo, hi)
+  return x.astype(np.float32)
 
 
 def draw_labels(cfg: ml_collections.ConfigDict, info: ModelInfo) -> dict[str, np.ndarray]:
   """Classes and targets of whole images and MSR regions, fixed for the run.
 
-  Without SL the targets are one-hot; with SL softmax(Z), Z = U(soft_label_range) at the
-  class and 0 elsewhere. Region classes are fixed per (image, region) (open: not redrawn
-  each step).
+  Without SL the targets are one-hot; with SL `losses.soft_targets`: softmax(Z), Z =
+  U(soft_label_range) at the class and 0 elsewhere. A region's target is built from that
+  region's own class and z. Region classes are fixed per (image, region) (open: not
+  redrawn each step).
   """
   r, c = cfg.msr_grid ** 2, info.num_classes
   lo, hi = cfg.soft_label_range
@@ -123,17 +130,18 @@ def draw_labels(cfg: ml_collections.ConfigDict, info: ModelInfo) -> dict[str, np
     z.append(g.uniform(lo, hi))
     rcls.append(g.integers(0, c, r))
     rz.append(g.uniform(lo, hi, r))
-  cls, z, rcls, rz = (np.asarray(v) for v in (cls, z, rcls, rz))
-  eye = np.eye(c, dtype=np.float64)
+  cls, rcls = np.asarray(cls, np.int32), np.asarray(rcls, np.int32)
+  z, rz = np.asarray(z, np.float32), np.asarray(rz, np.float32)
   if cfg.sl:
-    logits = eye[cls] * z[:, None]
+    extra = None
     if cfg.whole_target_has_regions and cfg.msr:
-      logits = logits + (eye[rcls] * rz[..., None]).sum(1)
-    targets, rtargets = _softmax(logits), _softmax(eye[rcls] * rz[..., None])
+      extra = losses.soft_label_logits(rcls, c, rz).sum(1)
+    targets = losses.soft_targets(cls, c, z, extra)
+    rtargets = losses.soft_targets(rcls, c, rz)
   else:
-    targets, rtargets = eye[cls], eye[rcls]
-  return {"classes": cls.astype(np.int32), "targets": targets.astype(np.float32),
-          "region_classes": rcls.astype(np.int32), "region_targets": rtargets.astype(np.float32)}
+    targets, rtargets = jax.nn.one_hot(cls, c), jax.nn.one_hot(rcls, c)
+  return {"classes": cls, "targets": np.asarray(targets, np.float32),
+          "region_classes": rcls, "region_targets": np.asarray(rtargets, np.float32)}
 
 
 def apa_maps(module, params: Any, images: jax.Array, info: ModelInfo,
@@ -161,67 +169,89 @@ def draw_priors(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
                                 tuple(cfg.sigma_range), cfg.prior)
 
 
-def augment(x: jax.Array, key: jax.Array, limit: jax.Array, flip: bool) -> jax.Array:
-  """Random roll by up to +-limit px along H and W, then a random horizontal flip.
+def augment(x: jax.Array, shift: jax.Array, flip: jax.Array) -> jax.Array:
+  """Rolls H and W by the same `shift` px, then flips W (horizontally) where `flip`.
 
-  One draw for the whole batch per step, as in PSAQ-ViT: a batch-wide roll is a cheap
-  dynamic slice (a per-image roll becomes a gather/scatter pair), and the draw depends on
-  (seed, step) only, never on the batch layout.
+  PSAQ-ViT's jitter: one offset for both axes and one flip per step for the whole batch.
+  A batch-wide roll is a cheap dynamic slice (a per-image roll becomes a gather/scatter).
   """
-  kr, kf = jax.random.split(key)
-  dy, dx = jax.random.randint(kr, (2,), -limit, limit + 1)
   h, w = x.ndim - 3, x.ndim - 2
-  x = jnp.roll(x, (dy, dx), axis=(h, w))
-  if flip:
-    x = jnp.where(jax.random.bernoulli(kf), jnp.flip(x, w), x)
-  return x
+  x = jnp.roll(x, (shift, shift), axis=(h, w))
+  return jnp.where(flip, jnp.flip(x, w), x)
 
 
-def loss_terms(module, params: Any, x: jax.Array, fixed: dict, key: jax.Array,
-               jitter: jax.Array, tv_target: jax.Array, cfg: ml_collections.ConfigDict,
-               info: ModelInfo, blocks: tuple[int, ...]) -> dict[str, jax.Array]:
-  """Weighted loss terms (batch means over valid images); their sum is the objective."""
+def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
+               cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...]
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """(terms, stats): weighted loss terms (batch means over valid images), whose sum is the
+  objective, and what is watched but not optimised (`prior_fit`, the mean Pearson
+  correlation of the APA maps with their priors).
+
+  `row` is one step of the `Plan` (shift, flip, region_shift, region_flip, tv_target,
+  step). Every whole-image term, TV included, reads the jittered image, as in PSAQ-ViT.
+  """
   b = x.shape[0]
   mask = fixed["mask"]
   n_valid = jnp.maximum(mask.sum(), 1.0)
   mean = lambda v: (v * mask).sum() / n_valid
-  k_aug, k_raug, k_sel = jax.random.split(key, 3)
-  xa = augment(x, k_aug, jitter, cfg.flip)
+  xa = augment(x, row["shift"], row["flip"])
   terms = {}
   if cfg.apa or cfg.entropy:
     logits, attns, attn_vs = taps.apply_with_attention(module, {"params": params}, xa)
   else:
     logits = module.apply({"params": params}, xa)
   terms["ce"] = mean(losses.soft_cross_entropy(logits, fixed["targets"]))
+  stats = {}
   if cfg.apa:
     weights = losses.depth_weights(blocks, info.depth, cfg.depth_weight)
     per = losses.apa_loss(attns, fixed["priors"], blocks, weights, info.prefix, info.swin)
     terms["apa"] = cfg.alpha1 * mean(per)
+    fit = losses.prior_fit(attns, fixed["priors"], blocks, info.prefix, info.swin)
+    stats["prior_fit"] = jax.lax.stop_gradient(mean(sum(f.mean(-1) for f in fit) / len(fit)))
   if cfg.entropy:
-    per = losses.patch_entropy_loss(attn_vs, info.heads, info.prefix, b, cfg.entropy_bandwidth,
-                                    cfg.entropy_points)
+    per = losses.patch_entropy_loss(attn_vs, info.heads, entropy_skip(cfg, info), b,
+                                    cfg.entropy_bandwidth, cfg.entropy_points,
+                                    mask if cfg.entropy_grid == "batch" else None)
     terms["entropy"] = cfg.entropy_weight * mean(per)
   if cfg.msr:
     reg = regions.all_regions(x, cfg.msr_grid)  # (B, R, H, W, C)
     r = reg.shape[1]
-    # Region choice per image, keyed by the image index: independent of the batch layout.
+    # Region choice per image, keyed by (step, image index): independent of the layout.
+    k_sel = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _STEPS),
+                               row["step"])
     sel = jax.vmap(lambda i: regions.select_regions(jax.random.fold_in(k_sel, i), r, cfg.k_msr)
                    )(fixed["index"])  # (B, R)
-    reg = augment(reg, k_raug, jitter, cfg.flip)
+    reg = augment(reg, row["region_shift"], row["region_flip"])
     rlogits = module.apply({"params": params}, reg.reshape((b * r,) + reg.shape[2:]))
     ce = losses.soft_cross_entropy(rlogits, fixed["region_targets"].reshape(b * r, -1))
     terms["msr"] = mean((ce.reshape(b, r) * sel).sum(-1))
   if cfg.tv_weight:
-    tv = losses.tv_batch(x, mask)
-    terms["tv"] = cfg.tv_weight * (jnp.abs(tv - tv_target) if cfg.tv_mode == "target" else tv)
-  return terms
+    tv = losses.tv_batch(xa, mask)
+    terms["tv"] = cfg.tv_weight * (jnp.abs(tv - row["tv_target"]) if cfg.tv_mode == "target"
+                                   else tv)
+  return terms, stats
 
 
-def round_schedule(cfg: ml_collections.ConfigDict) -> Callable[[int], float]:
-  """Learning rate at a step inside one round: linear warm-up, cosine decay to zero."""
+def entropy_skip(cfg: ml_collections.ConfigDict, info: ModelInfo) -> int:
+  """Tokens dropped before the patch similarities: the prefix tokens (ViT/DeiT); for Swin
+  token 0 of every window (PSAQ-ViT's `[:, 1:]`), or none with `entropy_swin_all_tokens`."""
+  if info.swin:
+    return 0 if cfg.entropy_swin_all_tokens else 1
+  return info.prefix
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """(iterations,) learning rate: per round, PSAQ-ViT's `lr_cosine_policy`.
+
+  Step t of a round: base * (t + 1) / warmup while t < warmup, then
+  base * (1 + cos(pi * (t - warmup) / (per_round - warmup))) / 2.
+  """
   per_round = cfg.iterations // cfg.rounds
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, per_round - 1),
-                                            per_round, 0.0)
+  t = np.arange(per_round, dtype=np.float64)
+  warm = cfg.warmup
+  cosine = 0.5 * (1 + np.cos(np.pi * (t - warm) / max(per_round - warm, 1)))
+  lr = cfg.lr * np.where(t < warm, (t + 1) / max(warm, 1), cosine)
+  return np.tile(lr, cfg.rounds).astype(np.float32)
 
 
 def jitter_limit(cfg: ml_collections.ConfigDict, round_index: int, size: int) -> int:
@@ -229,29 +259,118 @@ def jitter_limit(cfg: ml_collections.ConfigDict, round_index: int, size: int) ->
   return int(round(j * size / cfg.jitter_reference)) if cfg.jitter_reference else int(j)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Every per-step value of a run, drawn on the host before the first step.
+
+  PSAQ-ViT draws the roll offset (`random.randint(-lim, lim)`, both axes), the flip
+  (p 0.5) and the TV target (U(2500, 3000), once per run) with python's `random` inside
+  its loop; here they are a function of the seed only, so a resumed or re-sharded run
+  replays them exactly, and a test can replay a recorded sequence.
+  """
+  lr: np.ndarray  # (T,) float32
+  shift: np.ndarray  # (T,) int32, roll of H and W
+  flip: np.ndarray  # (T,) bool
+  region_shift: np.ndarray  # (T,) int32, the MSR regions' own roll
+  region_flip: np.ndarray  # (T,) bool
+  tv_target: float  # already scaled to this batch and image size
+
+  def row(self, step: int) -> dict[str, np.ndarray]:
+    return {"step": np.int32(step), "lr": np.float32(self.lr[step]),
+            "shift": np.int32(self.shift[step]), "flip": np.bool_(self.flip[step]),
+            "region_shift": np.int32(self.region_shift[step]),
+            "region_flip": np.bool_(self.region_flip[step]),
+            "tv_target": np.float32(self.tv_target)}
+
+
+def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> Plan:
+  """The run's `Plan`: lr schedule, jitter offsets and flips per step, the TV target."""
+  if cfg.iterations % cfg.rounds:
+    raise ValueError(f"iterations ({cfg.iterations}) must split evenly into {cfg.rounds} rounds")
+  per_round = cfg.iterations // cfg.rounds
+  size = info.image_shape[0]
+  limit = np.repeat([jitter_limit(cfg, r, size) for r in range(cfg.rounds)], per_round)
+  g = np.random.default_rng([cfg.seed, _PLAN])
+  shift = g.integers(-limit, limit + 1).astype(np.int32)
+  flip = (g.random(cfg.iterations) < 0.5) & cfg.flip
+  region_shift = g.integers(-limit, limit + 1).astype(np.int32)
+  region_flip = (g.random(cfg.iterations) < 0.5) & cfg.flip
+  lo, hi = cfg.tv_target
+  tv_target = losses.tv_target_scale(cfg.num_images, info.image_shape) * g.uniform(lo, hi)
+  return Plan(lr_schedule(cfg), shift, flip, region_shift, region_flip, float(tv_target))
+
+
 def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
               mesh) -> Callable:
-  """The jitted step (params, x, adam, fixed, step, lr, jitter, tv_target) -> (x, adam, terms)."""
+  """The jitted step (params, x, adam, fixed, row) -> (x, adam, (terms, stats)): one Adam update of
+  the pixels at the row's lr, then every channel clipped to its valid pixel range."""
+  for field, allowed in (("entropy_grid", ("batch", "image")), ("tv_mode", ("target", "min"))):
+    if cfg[field] not in allowed:
+      raise ValueError(f"synth.{field} must be one of {allowed}, got {cfg[field]!r}")
   adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
   lo, hi = pixel_range(cfg, info.image_shape[-1])
-  root = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _STEPS)
 
-  def step(params, x, opt_state, fixed, step_index, lr, jitter, tv_target):
-    key = jax.random.fold_in(root, step_index)
-
+  def step(params, x, opt_state, fixed, row):
     def objective(x):
-      terms = loss_terms(module, params, x, fixed, key, jitter, tv_target, cfg, info, blocks)
-      return sum(terms.values()), terms
+      terms, stats = loss_terms(module, params, x, fixed, row, cfg, info, blocks)
+      return sum(terms.values()), (terms, stats)
 
-    grad, terms = jax.grad(objective, has_aux=True)(x)
+    grad, aux = jax.grad(objective, has_aux=True)(x)
     updates, opt_state = adam.update(grad, opt_state)
-    x = jnp.clip(x - lr * updates, lo, hi)
-    return x, opt_state, terms
+    x = jnp.clip(x - row["lr"] * updates, lo, hi)
+    return x, opt_state, aux
 
   batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   opt_sh = optax.ScaleByAdamState(count=rep, mu=batch, nu=batch)
-  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep, rep, rep, rep),
+  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep),
                  out_shardings=(batch, opt_sh, rep), donate_argnums=(1, 2))
+
+
+def chance_priors(cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
+                  priors: list[np.ndarray]) -> list[np.ndarray]:
+  """Priors the images were never aligned to: fresh mixtures (image indices n..2n-1), or,
+  for real-attention priors, another image's prior. Their fit is the chance level."""
+  if cfg.prior == priors_lib.REAL:
+    return [np.roll(p, 1, 0) for p in priors]
+  layout = [(info.heads[l], info.grid[l]) for l in blocks]
+  n = cfg.num_images
+  return priors_lib.draw_priors(cfg.seed, np.arange(n, 2 * n), layout, cfg.k_apa,
+                                tuple(cfg.sigma_range), cfg.prior)
+
+
+def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
+                result: SynthResult) -> dict:
+  """Data-free measures of how well the objective was met, on the final images.
+
+  class_fit: share of images (and of MSR regions) the FP model assigns to their target.
+  prior_fit: Pearson correlation of each APA block's achieved maps (CLS rows; Swin: per
+  window) with the image's priors, mean over images, per block and head, and overall;
+  prior_fit_chance: the same against priors the images never saw.
+  """
+  images = jnp.asarray(result.images)
+  blocks = result.apa_blocks
+
+  @jax.jit
+  def run(params, x, pri, chance):
+    logits, attns, _ = taps.apply_with_attention(module, {"params": params}, x)
+    fit = losses.prior_fit(attns, pri, blocks, info.prefix, info.swin)
+    base = losses.prior_fit(attns, chance, blocks, info.prefix, info.swin)
+    return logits.argmax(-1), [f.mean(0) for f in fit], [f.mean(0) for f in base]
+
+  pred, fit, base = jax.device_get(run(params, images, result.priors,
+                                       chance_priors(cfg, info, blocks, result.priors)))
+  overall = lambda per_block: float(np.mean([f.mean() for f in per_block]))
+  out = {"class_fit": float((pred == result.classes).mean()),
+         "prior_fit": overall(fit), "prior_fit_chance": overall(base),
+         "prior_fit_per_block": [np.round(f, 4).tolist() for f in fit],
+         "prior_fit_chance_per_block": [np.round(f, 4).tolist() for f in base],
+         "apa_blocks": list(blocks)}
+  if result.region_classes is not None:
+    regs = regions.all_regions(images, cfg.msr_grid)
+    rpred = jax.jit(lambda p, x: module.apply({"params": p}, x).argmax(-1))(
+        params, regs.reshape((-1,) + regs.shape[2:]))
+    out["region_class_fit"] = float((np.asarray(rpred) == result.region_classes.ravel()).mean())
+  return out
 
 
 def _config_json(cfg: ml_collections.ConfigDict) -> str:
@@ -267,9 +386,12 @@ def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigD
     arrays["region_targets"] = result.region_targets
   for j, p in enumerate(result.priors or []):
     arrays[f"prior_{j}"] = p
+  arrays["diagnostics"] = np.asarray(json.dumps(result.diagnostics))
   tmp = os.path.join(directory, "result.tmp.npz")
   np.savez(tmp, **arrays)
   os.replace(tmp, os.path.join(directory, RESULT))
+  with open(os.path.join(directory, DIAGNOSTICS), "w") as f:
+    json.dump(result.diagnostics, f, indent=1)
 
 
 def load_result(path: str) -> SynthResult:
@@ -279,7 +401,8 @@ def load_result(path: str) -> SynthResult:
   return SynthResult(z["images"], z["classes"], z["targets"],
                      z["region_classes"] if "region_classes" in z.files else None,
                      z["region_targets"] if "region_targets" in z.files else None,
-                     pri or None, tuple(int(v) for v in z["apa_blocks"]))
+                     pri or None, tuple(int(v) for v in z["apa_blocks"]),
+                     json.loads(str(z["diagnostics"])) if "diagnostics" in z.files else {})
 
 
 def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
@@ -323,16 +446,21 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
       return load_result(os.path.join(directory, RESULT))
 
   info = model_info(module, params, cfg)
-  blocks = apa_block_indices(info, cfg) if cfg.apa else ()
+  blocks = apa_block_indices(info, cfg)
   labels = draw_labels(cfg, info)
-  pri = draw_priors(module, params, cfg, info, blocks, real_images) if cfg.apa else None
+  # Priors are drawn for every method: APA aligns to them, the others are measured against
+  # them (the prior fit of images that never saw a prior is the chance level).
+  pri = draw_priors(module, params, cfg, info, blocks, real_images)
   x0 = initial_images(cfg, info)
   result = SynthResult(x0, labels["classes"], labels["targets"],
                        labels["region_classes"] if cfg.msr else None,
                        labels["region_targets"] if cfg.msr else None, pri, blocks)
   if cfg.method != "noise":
-    result.images = _optimise(module, params, cfg, info, blocks, labels, pri, x0, directory,
-                              progress, callback)
+    fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
+             "priors": pri if cfg.apa else []}
+    result.images = optimise(module, params, cfg, info, blocks, x0, fixed, make_plan(cfg, info),
+                             directory=directory, progress=progress, callback=callback)
+  result.diagnostics = diagnostics(module, params, cfg, info, result)
   if directory is not None:
     save_result(directory, result, cfg)
     from spdfq_jax.synth import plots  # PIL only when writing files
@@ -340,27 +468,29 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   return result
 
 
-def _optimise(module, params, cfg, info, blocks, labels, pri, x0, directory, progress,
-              callback) -> np.ndarray:
-  n = cfg.num_images
-  if cfg.iterations % cfg.rounds:
-    raise ValueError(f"iterations ({cfg.iterations}) must split evenly into {cfg.rounds} rounds")
+def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
+             blocks: tuple[int, ...], x0: np.ndarray, fixed: dict, plan: Plan, *,
+             directory: Optional[str] = None, progress: bool = True,
+             callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> np.ndarray:
+  """Runs `plan` from `x0` with ONE Adam optimiser for all rounds (PSAQ-ViT: only the lr
+  schedule restarts with a round); returns the final images.
+
+  `fixed` holds per-image `targets`, `region_targets` and `priors` (the APA blocks').
+  With a `directory`, checkpoints there every `cfg.checkpoint_every` steps and resumes
+  from the newest one.
+  """
+  n = x0.shape[0]
   mesh = parallel.data_mesh()
   ndev = mesh.devices.size
   pad = lambda a: parallel.pad_batch(np.asarray(a), ndev)[0]
-  fixed = {"index": pad(np.arange(n, dtype=np.int32)),
-           "mask": (np.arange(pad(x0).shape[0]) < n).astype(np.float32),
-           "targets": pad(labels["targets"]), "region_targets": pad(labels["region_targets"]),
-           "priors": [pad(p) for p in (pri or [])]}
-  fixed = parallel.shard_batch(fixed, mesh)
+  fixed = parallel.shard_batch(
+      {"index": pad(np.arange(n, dtype=np.int32)),
+       "mask": (np.arange(pad(x0).shape[0]) < n).astype(np.float32),
+       "targets": pad(fixed["targets"]), "region_targets": pad(fixed["region_targets"]),
+       "priors": [pad(p) for p in fixed["priors"]]}, mesh)
   params = jax.device_put(params, parallel.replicated(mesh))
   step_fn = make_step(module, cfg, info, blocks, mesh)
-  adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
-  schedule = round_schedule(cfg)
-  per_round = cfg.iterations // cfg.rounds
-  tv_lo, tv_hi = cfg.tv_target
-  tv_scale = losses.tv_target_scale(n, info.image_shape)
-  tv_rng = np.random.default_rng  # per-step target: a function of (seed, step) only
+  total = len(plan.lr)
 
   def to_device(x, mu, nu, count):
     x = parallel.shard_batch(pad(x), mesh)
@@ -384,25 +514,18 @@ def _optimise(module, params, cfg, info, blocks, labels, pri, x0, directory, pro
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iterations, initial=start, desc=f"synth[{cfg.method}]", leave=False)
+    bar = tqdm(total=total, initial=start, desc=f"synth[{cfg.method}]", leave=False)
   try:
-    for s in range(start, cfg.iterations):
-      r, local = divmod(s, per_round)
-      if local == 0:  # a new round restarts Adam (fresh optimiser per round)
-        x, opt_state = to_device(np.asarray(x)[:n], np.zeros_like(x0), np.zeros_like(x0), 0)
-      tv_target = tv_scale * tv_rng([cfg.seed, s]).uniform(tv_lo, tv_hi)
-      x, opt_state, terms = step_fn(params, x, opt_state, fixed, np.int32(s),
-                                    np.float32(schedule(local)),
-                                    np.int32(jitter_limit(cfg, r, info.image_shape[0])),
-                                    np.float32(tv_target))
-      terms = {k: float(v) for k, v in jax.device_get(terms).items()}
+    for s in range(start, total):
+      x, opt_state, (terms, stats) = step_fn(params, x, opt_state, fixed, plan.row(s))
+      terms, stats = ({k: float(v) for k, v in d.items()} for d in jax.device_get((terms, stats)))
       _finite_or_raise(s, terms)
       if bar is not None:
-        bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in {**terms, **stats}.items()}, refresh=False)
         bar.update(1)
       if callback is not None:
-        callback(s, terms)
-      if mgr is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.iterations:
+        callback(s, {**terms, **stats})
+      if mgr is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < total:
         g = jax.device_get
         checkpoint.save(mgr, s + 1, {
             "images": np.asarray(g(x))[:n], "mu": np.asarray(g(opt_state.mu))[:n],

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -50,7 +50,8 @@ def heatmap(values: np.ndarray, size: int) -> np.ndarray:
 
 def attention_figure(images: np.ndarray, prior: np.ndarray, achieved: np.ndarray, mean, std,
                      path: str, num_images: int = 4, num_heads: int = 3, tile: int = 96) -> None:
-  """Rows = images; columns = the image, then (prior, achieved) per head of one block."""
+  """Rows = images; columns = the image, then (prior, achieved) per head of one block; each
+  achieved map carries its Pearson correlation r with the prior (the prior fit)."""
   n = min(num_images, len(images))
   h = min(num_heads, prior.shape[1])
   pix = denormalise(images[:n], mean, std)
@@ -58,15 +59,27 @@ def attention_figure(images: np.ndarray, prior: np.ndarray, achieved: np.ndarray
   for i in range(n):
     tiles.append(_upscale(pix[i], tile))
     for j in range(h):
-      tiles += [heatmap(prior[i, j], tile), heatmap(achieved[i, j], tile)]
+      r = np.corrcoef(prior[i, j], achieved[i, j])[0, 1]
+      tiles += [heatmap(prior[i, j], tile), _caption(heatmap(achieved[i, j], tile), f"r={r:.2f}")]
   size = max(max(t.shape[:2]) for t in tiles)
   tiles = [np.pad(t, ((0, size - t.shape[0]), (0, size - t.shape[1]), (0, 0)),
                   constant_values=255) for t in tiles]
   Image.fromarray(tile_grid(tiles, 1 + 2 * h)).save(path)
 
 
+def _caption(tile: np.ndarray, text: str) -> np.ndarray:
+  """The tile with `text` (the prior fit) in its top-left corner, white on black."""
+  img = Image.fromarray(tile)
+  draw = ImageDraw.Draw(img)
+  box = draw.textbbox((1, 1), text)
+  draw.rectangle(box, fill=(0, 0, 0))
+  draw.text((1, 1), text, fill=(255, 255, 255))
+  return np.asarray(img)
+
+
 def save_figures(directory: str, module, params: Any, result, cfg, info) -> None:
-  """grid.png always; attention.png (last APA block) when the run has priors."""
+  """grid.png always; attention.png (last APA block) when the run has priors (every
+  method: for those without APA it shows what chance looks like)."""
   image_grid(result.images, cfg.mean, cfg.std, os.path.join(directory, "grid.png"))
   if not result.priors:
     return
