@@ -54,12 +54,14 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.clamp_init = False
 
   # TV prior (PSAQ-ViT form), on the jittered image. tv_mode: 'target' minimises
-  # |TV - U(tv_target)| (drawn once per run) with the target scaled from
-  # 32 x 224 x 224 x 3 values to this batch; 'min' minimises TV, which
-  # outweighs the class term and leaves the images far smoother than real ones (open).
+  # |TV - U(tv_target)| (drawn once per run); 'min' minimises TV, which outweighs the class
+  # term and leaves the images far smoother than real ones (open).
   c.tv_weight = 0.05
   c.tv_mode = "target"
   c.tv_target = (2500.0, 3000.0)
+  # PSAQ-ViT's target is set for 32 images of 224 x 224 x 3 and used as is. True scales it
+  # by sqrt(values in the batch / 32 x 224 x 224 x 3), for other batch or image sizes.
+  c.tv_target_scaled = False
 
   # PSAQ-ViT patch-similarity entropy.
   c.entropy = method == "psaq"

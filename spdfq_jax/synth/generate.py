@@ -296,7 +296,9 @@ def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> Plan:
   region_shift = g.integers(-limit, limit + 1).astype(np.int32)
   region_flip = (g.random(cfg.iterations) < 0.5) & cfg.flip
   lo, hi = cfg.tv_target
-  tv_target = losses.tv_target_scale(cfg.num_images, info.image_shape) * g.uniform(lo, hi)
+  tv_target = g.uniform(lo, hi)
+  if cfg.tv_target_scaled:
+    tv_target *= losses.tv_target_scale(cfg.num_images, info.image_shape)
   return Plan(lr_schedule(cfg), shift, flip, region_shift, region_flip, float(tv_target))
 
 

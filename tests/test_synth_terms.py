@@ -1,0 +1,152 @@
+"""SPDFQ's terms pinned against independent computations (numpy, closed forms, hand counts).
+
+Each test names the wrong variant it rules out.
+"""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spdfq_jax import synth
+from spdfq_jax.models import taps, zoo
+from spdfq_jax.synth import losses, regions
+
+G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
+
+
+def _tiny_vit(depth=4, prefix_distilled=False):
+  module = zoo.custom_vit(num_classes=10, img_size=16, patch_size=4, width=16, depth=depth,
+                          num_heads=2, distilled=prefix_distilled)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
+  return module, params["params"]
+
+
+def _no_jitter_row(tv_target=0.0):
+  return {"step": np.int32(0), "lr": np.float32(0.1), "shift": np.int32(0),
+          "flip": np.bool_(False), "region_shift": np.int32(0), "region_flip": np.bool_(False),
+          "tv_target": np.float32(tv_target)}
+
+
+@pytest.mark.parametrize("depth,blocks,weights", [
+    (4, (1, 2, 3), (2 / 4, 3 / 4, 4 / 4)),   # 1-based l >= 2: l = 2, 3, 4; weight l / L
+    (5, (2, 3, 4), (3 / 5, 4 / 5, 5 / 5)),   # l >= 2.5: l = 3, 4, 5
+])
+def test_apa_loss_end_to_end_selects_deep_half_with_depth_weights(depth, blocks, weights):
+  """Rules out: weight l/L with 0-based l, blocks l > L/2 or all blocks, a wrong row."""
+  module, params = _tiny_vit(depth)
+  cfg = synth.default_config("spdfq")
+  cfg.update(num_images=3, msr=False, sl=False, tv_weight=0.0, alpha1=7.0)
+  info = G.model_info(module, params, cfg)
+  assert G.apa_block_indices(info, cfg) == blocks
+  pri = G.draw_priors(module, params, cfg, info, blocks, None)
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 16, 16, 3))
+  fixed = {"mask": jnp.ones(3), "index": jnp.arange(3), "targets": jnp.eye(10)[:3],
+           "region_targets": jnp.zeros((3, 4, 10)), "priors": [jnp.asarray(p) for p in pri]}
+  terms, _ = G.loss_terms(module, params, x, fixed, _no_jitter_row(), cfg, info,
+                          G.apa_block_indices(info, cfg))
+  _, attns, _ = taps.apply_with_attention(module, {"params": params}, x)
+  expected = 0.0
+  for l, w, p in zip(blocks, weights, pri):
+    row = np.asarray(attns[l])[:, :, 0, 1:]  # CLS query, patch keys
+    row = row / row.sum(-1, keepdims=True)
+    expected += w * ((row - p) ** 2).mean(-1).sum(-1)  # mean over tokens, sum over heads
+  np.testing.assert_allclose(terms["apa"], 7.0 * expected.mean(), rtol=1e-5)
+
+
+def test_apa_all_blocks_unweighted_variant():
+  module, params = _tiny_vit(4)
+  cfg = synth.default_config("spdfq")
+  cfg.update(apa_blocks="all", depth_weight=False)
+  info = G.model_info(module, params, cfg)
+  assert G.apa_block_indices(info, cfg) == (0, 1, 2, 3)
+  assert losses.depth_weights((0, 1, 2, 3), 4, cfg.depth_weight) == [1.0] * 4
+
+
+def test_swin_window_maps_average_over_queries():
+  """Every query of window w attends to key k_w only: the map must be one-hot at k_w.
+  Averaging over keys instead would give the constant 1/N."""
+  b, nw, h, n = 2, 3, 2, 4
+  keys = np.array([[0, 3, 1], [2, 2, 0]])  # (b, nw)
+  attn = np.zeros((b * nw, h, n, n), np.float32)
+  for i in range(b):
+    for w in range(nw):
+      attn[i * nw + w, :, :, keys[i, w]] = 1.0  # image-major window order, as Swin's partition
+  got = np.asarray(losses.window_attention(jnp.asarray(attn), b))
+  assert got.shape == (b, nw, h, n)
+  for i in range(b):
+    for w in range(nw):
+      np.testing.assert_array_equal(got[i, w], np.eye(n)[[keys[i, w]] * h])
+  prior = np.full((b, h, n), 0.25, np.float32)
+  loss = losses.apa_loss([jnp.asarray(attn)], [jnp.asarray(prior)], [0], [1.0], 0, True)
+  # per window and head: ((1 - 0.25)^2 + 3 * 0.25^2) / 4 = 0.1875; mean over windows, sum heads
+  np.testing.assert_allclose(loss, [h * 0.1875] * b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sl", [True, False])
+def test_draw_labels_exact_soft_targets_of_each_own_class(sl):
+  """Replays the documented draw order (per image: class, z, 4 region classes, 4 z's) and
+  checks the closed form e^z / (e^z + C - 1). Rules out: regions built from the image's
+  class, the whole target from a region's class, a wrong z."""
+  cfg = synth.default_config("spdfq")
+  cfg.update(num_images=6, seed=11, sl=sl)
+  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  got = G.draw_labels(cfg, info)
+  c = 10
+  for i in range(6):
+    g = np.random.default_rng([11, 2, i])
+    cls, z = g.integers(0, c), g.uniform(5, 10)
+    rcls, rz = g.integers(0, c, 4), g.uniform(5, 10, 4)
+    assert got["classes"][i] == cls
+    np.testing.assert_array_equal(got["region_classes"][i], rcls)
+    for target, k, zk in [(got["targets"][i], cls, z)] + [
+        (got["region_targets"][i, r], rcls[r], rz[r]) for r in range(4)]:
+      want = np.full(c, 1 / (np.exp(zk) + c - 1))
+      want[k] = np.exp(zk) / (np.exp(zk) + c - 1)
+      if not sl:
+        want = np.eye(c)[k]
+      np.testing.assert_allclose(target, want, rtol=2e-5, atol=1e-7)
+
+
+def test_whole_target_with_region_classes_variant():
+  cfg = synth.default_config("spdfq")
+  cfg.update(num_images=1, seed=3, whole_target_has_regions=True)
+  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  got = G.draw_labels(cfg, info)["targets"][0]
+  g = np.random.default_rng([3, 2, 0])
+  cls, z, rcls, rz = g.integers(0, 10), g.uniform(5, 10), g.integers(0, 10, 4), g.uniform(5, 10, 4)
+  logits = np.zeros(10)
+  logits[cls] += z
+  np.add.at(logits, rcls, rz)
+  np.testing.assert_allclose(got, np.exp(logits) / np.exp(logits).sum(), rtol=2e-5, atol=1e-7)
+
+
+def _bilinear_numpy(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Half-pixel-centre bilinear resize of (h, w, c), edges clamped (an independent oracle)."""
+  h, w = img.shape[:2]
+
+  def taps_1d(n_out, n_in):
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, src - lo
+
+  y0, y1, fy = taps_1d(out_h, h)
+  x0, x1, fx = taps_1d(out_w, w)
+  top = img[y0][:, x0] * (1 - fx)[None, :, None] + img[y0][:, x1] * fx[None, :, None]
+  bot = img[y1][:, x0] * (1 - fx)[None, :, None] + img[y1][:, x1] * fx[None, :, None]
+  return top * (1 - fy)[:, None, None] + bot * fy[:, None, None]
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (14, 10)])
+def test_msr_regions_are_quadrants_bilinearly_resized(shape):
+  """Rules out nearest-neighbour resizing, a wrong quadrant order, a transposed crop."""
+  h, w = shape
+  x = np.random.default_rng(0).normal(size=(2, h, w, 3)).astype(np.float32)
+  got = np.asarray(regions.all_regions(jnp.asarray(x), 2))
+  quads = [(slice(0, h // 2), slice(0, w // 2)), (slice(0, h // 2), slice(w // 2, w)),
+           (slice(h // 2, h), slice(0, w // 2)), (slice(h // 2, h), slice(w // 2, w))]
+  for i in range(2):
+    for r, (ys, xs) in enumerate(quads):
+      np.testing.assert_allclose(got[i, r], _bilinear_numpy(x[i, ys, xs], h, w), atol=1e-5)
