@@ -51,18 +51,6 @@ def test_apa_is_zero_on_its_prior_and_weights_depth():
   np.testing.assert_allclose(loss, (prior ** 2).mean(-1).sum(-1), rtol=1e-5)
 
 
-def test_swin_apa_averages_queries_per_window():
-  b, nw, h, n = 2, 4, 2, 16
-  attn = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (b * nw, h, n, n)), -1)
-  got = jax.jit(lambda a: losses.window_attention(a, b))(attn)
-  assert got.shape == (b, nw, h, n)
-  np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
-  prior = got[:, 0]
-  loss = jax.jit(lambda a, p: losses.apa_loss([a], [p], [0], [1.0], 0, True))(attn, prior)
-  ref = ((got - prior[:, None]) ** 2).mean(-1).mean(1).sum(-1)
-  np.testing.assert_allclose(loss, ref, rtol=1e-5)
-
-
 def _entropy_reference(values, bw=0.01, points=10):
   out = []
   for v in np.asarray(values, np.float64):

@@ -150,3 +150,34 @@ def test_msr_regions_are_quadrants_bilinearly_resized(shape):
   for i in range(2):
     for r, (ys, xs) in enumerate(quads):
       np.testing.assert_allclose(got[i, r], _bilinear_numpy(x[i, ys, xs], h, w), atol=1e-5)
+
+
+def test_start_is_unclamped_noise_unless_clamp_init():
+  """PSAQ-ViT starts from plain N(0, 1) and clips only after a step."""
+  cfg = synth.default_config("psaq")
+  cfg.update(num_images=4)
+  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  lo, hi = G.pixel_range(cfg, 3)
+  x = G.initial_images(cfg, info)
+  assert (x < lo).any() and (x > hi).any()
+  assert 0.9 < x.std() < 1.1
+  cfg.clamp_init = True
+  np.testing.assert_array_equal(G.initial_images(cfg, info), np.clip(x, lo, hi))
+
+
+def test_plan_draws_like_the_reference():
+  """Offsets uniform on [-lim, lim] inclusive (15 then 30 px at 224 px), flips at p 0.5,
+  one TV target for the run in U(2500, 3000), lr restarting each round."""
+  cfg = synth.default_config("psaq")
+  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (224, 224, 3))
+  plan = G.make_plan(cfg, info)
+  first, second = plan.shift[:500], plan.shift[500:]
+  assert first.min() == -15 and first.max() == 15
+  assert second.min() == -30 and second.max() == 30
+  assert 0.4 < plan.flip.mean() < 0.6
+  assert 2500 <= plan.tv_target <= 3000
+  assert plan.lr[0] == pytest.approx(0.2 / 100) and plan.lr[500] == pytest.approx(0.2 / 100)
+  assert plan.lr[100] == pytest.approx(0.2)
+  cfg.update(flip=False, jitter=(0, 0))
+  plan = G.make_plan(cfg, info)
+  assert not plan.flip.any() and not plan.shift.any()
