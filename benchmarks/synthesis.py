@@ -15,6 +15,7 @@
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
       `--quant recon_iters=20,...` overrides quantization settings; `--eval-split train10k`
       scores on the last 10,000 training images, to compare settings without the test split.
+      Accuracies are kept in WORKROOT/accuracy.json: a rerun only adds what is missing.
 Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -39,7 +41,6 @@ import optax  # noqa: E402
 import quant_engine as qe  # noqa: E402
 from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import parallel, synth  # noqa: E402
-from spdfq_jax.synth import regions  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
@@ -145,14 +146,15 @@ def load_asset(family: str):
 
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, x_train_u8=None,
-                  prior: str = "gmm") -> np.ndarray:
-  """The 32 calibration images of one source; synthetic sets are cached under workroot by a
+                  prior: str = "gmm") -> tuple[np.ndarray, dict]:
+  """The 32 calibration images of one source and their `diagnostics` (class and prior fit;
+  empty for real images); synthetic sets are cached under workroot by a
   tag of (family, row, seed, iterations, ablation, alpha1, prior), so `synthesize` (e.g. on
   a GPU) and `accuracy` (here) share them."""
   from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
   if row == "real":
     idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
-    return fm.normalise(x_train_u8[idx], channels)
+    return fm.normalise(x_train_u8[idx], channels), {}
   cfg = synth.default_config(row, family)
   cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
   if row != "noise":
@@ -177,17 +179,13 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                           progress=False, real_images=real_prior_images)
-  # Data-free health check: does the FP model still see the target class?
-  fp_class = lambda x: np.asarray(jnp.argmax(module.apply({"params": params}, x), -1))
-  agree = np.mean(fp_class(result.images) == result.classes)
-  msg = f"{100 * agree:.0f}% of the images"
-  if result.region_classes is not None:
-    reg = regions.all_regions(jnp.asarray(result.images), cfg.msr_grid)
-    got = fp_class(reg.reshape((-1,) + reg.shape[2:])).reshape(reg.shape[:2])
-    msg += f", {100 * np.mean(got == result.region_classes):.0f}% of the MSR regions"
-  print(f"  {tag}: FP agrees with the target class on {msg} "
+  d = result.diagnostics  # data-free: does the FP model see the targets, the priors?
+  msg = f"class fit {100 * d['class_fit']:.0f}% of the images"
+  if "region_class_fit" in d:
+    msg += f", {100 * d['region_class_fit']:.0f}% of the MSR regions"
+  print(f"  {tag}: {msg}; prior fit {d['prior_fit']:.3f} (chance {d['prior_fit_chance']:.3f}) "
         f"({time.perf_counter() - t:.1f} s)", flush=True)
-  return result.images
+  return result.images, d
 
 
 def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
@@ -230,29 +228,51 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         f"quantization preset {preset} {quant_overrides or ''}; evaluated on {eval_split}\n")
   fp = qe.top1(module, {"params": params}, x_test, y_test, 1000)
   print(f"FP top-1: {fp:.2f}\n")
-  results = {}
+  results, fits, chance = {}, {}, {}
+  # Finished (source, seed, bits) accuracies, so a rerun with more rows or seeds adds only
+  # what is new.
+  done_path = os.path.join(workroot, "accuracy.json")
+  os.makedirs(workroot, exist_ok=True)
+  done = json.load(open(done_path)) if os.path.exists(done_path) else {}
   for row, abl in variants(rows, ablation):
     for seed in seeds:
-      images = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                             alpha1, channels, x_train_u8, prior)
+      images, diag = source_images(module, params, family, row, abl, seed, iterations, workroot,
+                                   alpha1, channels, x_train_u8, prior)
+      if diag:
+        fits.setdefault((row, abl), []).append(diag["prior_fit"])
+        chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
       for w, a in bits:
-        qm = quant.quantize(module, params, images, quant.default_config(w, a, preset,
-                                                                   **(quant_overrides or {})),
-                            progress=False)
-        acc = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
+        key = json.dumps([family, row, abl, seed, iterations, alpha1, prior, w, a, preset,
+                          quant_overrides or {}, eval_split])
+        if key not in done:
+          qm = quant.quantize(module, params, images,
+                              quant.default_config(w, a, preset, **(quant_overrides or {})),
+                              progress=False)
+          done[key] = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
+          with open(done_path + ".tmp", "w") as f:
+            json.dump(done, f)
+          os.replace(done_path + ".tmp", done_path)
+        acc = done[key]
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
-  print_tables(results, bits, rows, ablation)
+  print_tables(results, fits, chance, bits, rows, ablation)
 
 
 def _ms(v: list[float]) -> str:
   return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
 
 
-def print_tables(results, bits, rows, ablation) -> None:
+def _fit(fits, chance, key) -> str:
+  """'prior fit (chance)' of a source, means over seeds; '-' for real images."""
+  if key not in fits:
+    return "-"
+  return f"{statistics.mean(fits[key]):.3f} ({statistics.mean(chance[key]):.3f})"
+
+
+def print_tables(results, fits, chance, bits, rows, ablation) -> None:
   print("\n| source | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits) + " | "
-        + " | ".join(f"W{w}A{a} gap closed" for w, a in bits) + " |")
-  print("|---" * (1 + 2 * len(bits)) + "|")
+        + " | ".join(f"W{w}A{a} gap closed" for w, a in bits) + " | prior fit (chance) |")
+  print("|---" * (2 + 2 * len(bits)) + "|")
   for row in rows:
     accs = [results[(row, None, w, a)] for w, a in bits]
     gaps = []
@@ -260,13 +280,15 @@ def print_tables(results, bits, rows, ablation) -> None:
       noise, real = (statistics.mean(results.get((k, None, w, a), [np.nan])) for k in ("noise", "real"))
       gaps.append((statistics.mean(results[(row, None, w, a)]) - noise) / (real - noise))
     print(f"| {row} | " + " | ".join(_ms(v) for v in accs) + " | "
-          + " | ".join(f"{g:.2f}" for g in gaps) + " |")
+          + " | ".join(f"{g:.2f}" for g in gaps) + f" | {_fit(fits, chance, (row, None))} |")
   if ablation:
-    print("\n| APA | MSR | SL | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits) + " |")
-    print("|---|---|---|" + "---|" * len(bits))
+    print("\n| APA | MSR | SL | " + " | ".join(f"W{w}A{a} top-1" for w, a in bits)
+          + " | prior fit (chance) |")
+    print("|---|---|---|" + "---|" * (len(bits) + 1))
     for abl in ablation_rows(ablation):
       print("| " + " | ".join("✓" if f else "" for f in abl) + " | "
-            + " | ".join(_ms(results[("spdfq", abl, w, a)]) for w, a in bits) + " |")
+            + " | ".join(_ms(results[("spdfq", abl, w, a)]) for w, a in bits)
+            + f" | {_fit(fits, chance, ('spdfq', abl))} |")
 
 
 def parse_overrides(spec: str) -> dict:
