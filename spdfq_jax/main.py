@@ -210,20 +210,23 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
 
 
 def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collections.ConfigDict],
-                    directory: str, config, pre: zoo.Preprocessing, data: "Data") -> np.ndarray:
-  """Synthesises (or, for the real row, reads) the calibration images; cached in `directory`."""
+                    directory: str, config, pre: zoo.Preprocessing, data: "Data"
+                    ) -> tuple[np.ndarray, dict]:
+  """(images, diagnostics): synthesises (or, for the real row, reads) the calibration
+  images, cached in `directory`; diagnostics are the synthesis' class and prior fit."""
   if scfg is not None:
-    return np.asarray(stages.generate(module, params, scfg, workdir=directory).images)
+    result = stages.generate(module, params, scfg, workdir=directory)
+    return np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {})
   path = os.path.join(directory, "result.npz")
   if os.path.exists(path):
-    return np.load(path)["images"]
+    return np.load(path)["images"], {}
   images, labels = data.real_images(config.num_images, config.seed)
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, "result.tmp.npz")
   np.savez(tmp, images=images, classes=labels)
   os.replace(tmp, path)
   _save_grid(directory, images, pre)
-  return images
+  return images, {}
 
 
 def _assign(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -294,7 +297,7 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   os.makedirs(row_dir, exist_ok=True)
   timings: dict[str, float] = dict(cached["timings"]) if cached else {}
   with timed(timings, "synthesize" if scfg is not None else "real_images"):
-    images = calibration_set(stages, module, params, scfg, synth_dir, config, pre, data)
+    images, diag = calibration_set(stages, module, params, scfg, synth_dir, config, pre, data)
   with timed(timings, "quantize"):
     qmodel = stages.quantize(module, params, images, qcfg, workdir=os.path.join(row_dir, "quant"))
   timings.update(getattr(qmodel, "timings", None) or {})
@@ -314,6 +317,10 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
          "quant_top1": float(result["top1"]), "quant_top5": float(result["top5"]),
          "eval_count": int(result["count"]), "timings": timings, "row_dir": row_dir,
          "synth_dir": synth_dir, "export": export_path if want_export else None}
+  # Data-free fit of the synthesis: class fit in percent, prior fit as a correlation.
+  row.update({k: 100 * diag[k] if k.endswith("class_fit") else diag[k]
+              for k in ("class_fit", "region_class_fit", "prior_fit", "prior_fit_chance")
+              if k in diag})
   if jax.process_index() == 0:
     report.write_json(os.path.join(row_dir, EVAL_FILE), row)
   return row

@@ -58,6 +58,7 @@ class FakeStages:
       np.savez(path, images=rng.normal(size=(cfg.num_images, 32, 32, 1)).astype(np.float32))
     class R:
       images = np.load(path)["images"]
+      diagnostics = {"class_fit": 0.75, "prior_fit": 0.25, "prior_fit_chance": 0.01}
     return R
 
   def quantize(self, module, params, images, cfg, workdir=None):
@@ -111,7 +112,11 @@ def test_single_row_report_and_skip(tmp_path):
   assert data["method"] == "spdfq" and data["w_bits"] == 4 and data["num_images"] == 4
   assert data["rows"][0]["eval_count"] == 23 and data["fp_eval_count"] == 23
   assert {"synthesize", "quantize", "evaluate", "export", "reconstruct"} <= set(data["timings"])
-  assert "| fmnist_vit | spdfq | W4A4 | 4 |" in open(tmp_path / "report.md").read()
+  md = open(tmp_path / "report.md").read()
+  assert "| fmnist_vit | spdfq | W4A4 | 4 |" in md
+  # The synthesis' data-free fit travels into the row and the table.
+  assert data["class_fit"] == 75.0 and data["prior_fit"] == 0.25
+  assert "| class fit % | prior fit | chance |" in md and "| 75 | 0.250 | 0.010 |" in md
   assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}
   again = main.run(_config(), str(tmp_path), fake.stages())
   assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}  # everything skipped
