@@ -6,7 +6,7 @@ Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL
 real training images as the upper reference; all 32 images, all through the same (best)
 quantization stage: scale reparameterisation + block-wise reconstruction, with the demo's
 100 synthesis steps. `benchmarks/synthesis.py accuracy` measures the same comparison over
-seeds and at the paper's 1000 steps; README.md and BENCHMARKS.md hold its tables, next to
+seeds and at longer runs; README.md and BENCHMARKS.md hold its tables, next to
 the paper's ImageNet table, whose ordering (noise < PSAQ-ViT < SPDFQ < real) is what this
 small test bed can check.
 """
