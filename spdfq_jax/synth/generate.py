@@ -273,7 +273,7 @@ class Plan:
   flip: np.ndarray  # (T,) bool
   region_shift: np.ndarray  # (T,) int32, the MSR regions' own roll
   region_flip: np.ndarray  # (T,) bool
-  tv_target: float  # already scaled to this batch and image size
+  tv_target: float  # scaled to this batch and image size when `tv_target_scaled`
 
   def row(self, step: int) -> dict[str, np.ndarray]:
     return {"step": np.int32(step), "lr": np.float32(self.lr[step]),
