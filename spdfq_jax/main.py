@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -35,6 +36,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default workd
 
 REAL = "real"  # the real-data reference row: training images instead of synthetic ones
 EVAL_FILE = "eval.json"
+SET_FILE = "result.npz"  # a calibration set: images (+ labels, priors, diagnostics)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -214,19 +216,60 @@ def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collection
                     ) -> tuple[np.ndarray, dict]:
   """(images, diagnostics): synthesises (or, for the real row, reads) the calibration
   images, cached in `directory`; diagnostics are the synthesis' class and prior fit."""
+  cached = read_set(directory)
+  if cached is not None:
+    return cached
   if scfg is not None:
+    # generate() works in its own subdirectory of the directory it is given (checkpoints,
+    # resume); once it has finished, its files move up, so that a finished set lies in
+    # synthetic/<method>-<hash>/ like the real one. A workdir from before this layout
+    # (a finished or interrupted set in .../<method>-<hash>/synthetic/) resumes the same way.
     result = stages.generate(module, params, scfg, workdir=directory)
+    flatten_synth_dir(directory)
     return np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {})
-  path = os.path.join(directory, "result.npz")
-  if os.path.exists(path):
-    return np.load(path)["images"], {}
   images, labels = data.real_images(config.num_images, config.seed)
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, "result.tmp.npz")
   np.savez(tmp, images=images, classes=labels)
-  os.replace(tmp, path)
+  os.replace(tmp, os.path.join(directory, SET_FILE))
   _save_grid(directory, images, pre)
   return images, {}
+
+
+def read_set(directory: str) -> Optional[tuple[np.ndarray, dict]]:
+  """(images, diagnostics) of a finished calibration set in `directory`, or None."""
+  path = os.path.join(directory, SET_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    diag = json.loads(str(z["diagnostics"])) if "diagnostics" in z.files else {}
+    return z["images"], diag
+
+
+def flatten_synth_dir(directory: str) -> None:
+  """Moves a finished synthesis out of generate()'s subdirectory into `directory`.
+
+  The result file moves last, so a kill midway leaves it inside and the next run finishes
+  the move. Every process of a multi-host run tries (on a shared disk the first one to
+  get there moves a file, the others find it gone); none starts before all have finished.
+  """
+  from spdfq_jax.synth.generate import SUBDIR  # pylint: disable=g-import-not-at-top
+  inner = os.path.join(directory, SUBDIR)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"synthesis done: {directory}")
+  if not os.path.exists(os.path.join(inner, SET_FILE)):
+    return
+  for name in sorted(os.listdir(inner), key=lambda n: n == SET_FILE):
+    src, dst = os.path.join(inner, name), os.path.join(directory, name)
+    try:
+      if os.path.isdir(dst) and not os.path.islink(dst):
+        shutil.rmtree(dst)
+      os.replace(src, dst)
+    except FileNotFoundError:
+      pass  # moved by another process
+  with contextlib.suppress(OSError):
+    os.rmdir(inner)
 
 
 def _assign(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

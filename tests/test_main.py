@@ -2,12 +2,14 @@
 import functools
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from spdfq_jax import main
+from spdfq_jax.data import fashion_mnist
 from spdfq_jax.models import zoo
 from spdfq_jax.synth import config as synth_config
 from spdfq_jax.quant import config as quant_config
@@ -118,6 +120,10 @@ def test_single_row_report_and_skip(tmp_path):
   assert data["class_fit"] == 75.0 and data["prior_fit"] == 0.25
   assert "| class fit % | prior fit | chance |" in md and "| 75 | 0.250 | 0.010 |" in md
   assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}
+  # README's layout: the set lies in synthetic/<method>-<hash>/ itself.
+  (synth_dir,) = os.listdir(tmp_path / "synthetic")
+  assert synth_dir.startswith("spdfq-") and data["synth_dir"].endswith(synth_dir)
+  assert sorted(os.listdir(tmp_path / "synthetic" / synth_dir)) == ["result.npz"]
   again = main.run(_config(), str(tmp_path), fake.stages())
   assert fake.calls == {"generate": 1, "quantize": 1, "export": 1}  # everything skipped
   assert _stable(again) == _stable(out)
@@ -132,7 +138,7 @@ def test_killed_run_resumes_to_the_same_report(tmp_path):
   assert not (tmp_path / "w" / "report.json").exists()
   fake.kill_quantize = False
   out = main.run(_config(), str(tmp_path / "w"), fake.stages())
-  assert fake.calls["generate"] == 2 and fake.calls["quantize"] == 2
+  assert fake.calls["generate"] == 1 and fake.calls["quantize"] == 2  # the set is reused
   assert _stable(out) == _stable(ref)
 
 
@@ -141,7 +147,7 @@ def test_rows_and_overrides_get_their_own_directories(tmp_path):
   out = main.run(_config("noise,spdfq", "w4a4,w3a3"), str(tmp_path), fake.stages())
   assert [(r["method"], r["w_bits"]) for r in out["rows"]] == [
       ("noise", 4), ("spdfq", 4), ("noise", 3), ("spdfq", 3)]
-  assert fake.calls["generate"] == 4 and fake.calls["quantize"] == 4
+  assert fake.calls["generate"] == 2 and fake.calls["quantize"] == 4
   assert len(os.listdir(tmp_path / "synthetic")) == 2  # shared across bit settings
   c = _config()
   c.synth.iterations = 10
@@ -178,3 +184,61 @@ def test_new_weights_at_the_same_path_are_not_reused(tmp_path):
   assert scfg() != before
   c.data.workers = 7
   assert main.data_key(c) == main.data_key(_config())
+
+
+def _real_generate(steps, stop_at=None):
+  """synth.generate as main calls it, recording each step; raises Killed after `stop_at`."""
+  from spdfq_jax import synth
+
+  def callback(step, terms):
+    steps.append(step)
+    if step == stop_at:
+      raise Killed()
+
+  def generate(module, params, cfg, workdir=None):
+    return synth.generate(module, params, cfg, workdir=workdir, progress=False,
+                          callback=callback)
+  return generate
+
+
+def test_older_nested_synthesis_dir_resumes(tmp_path):
+  """Workdirs from before the flat layout hold the set in synthetic/<method>-<hash>/synthetic/
+  (synth.generate's own subdirectory): an interrupted one resumes from its checkpoint, a
+  finished one is reused, and both end in the flat layout."""
+  c = _config("inversion")
+  c.num_images = 2
+  c.synth.iterations, c.synth.warmup, c.synth.checkpoint_every = 4, 1, 2
+  steps = []
+  stages = FakeStages().stages()
+  stages.generate = _real_generate(steps)
+  main.run(c, str(tmp_path / "ref"), stages)
+  assert steps == [0, 1, 2, 3]
+  (name,) = os.listdir(tmp_path / "ref" / "synthetic")
+  flat = tmp_path / "ref" / "synthetic" / name
+  assert (flat / "result.npz").exists() and (flat / "checkpoints").is_dir()
+  assert not (flat / "synthetic").exists()
+  want = np.load(flat / "result.npz")["images"]
+
+  # What the previous main left after a kill at step 2: a checkpoint at step 2, nested.
+  module, params = _tiny_model()
+  scfg, name2 = main.synth_plan(stages, module, "inversion", c, fashion_mnist.preprocessing(1))
+  assert name2 == name
+  old = tmp_path / "old" / "synthetic" / name
+  with pytest.raises(Killed):
+    _real_generate([], stop_at=2)(module, params, scfg, workdir=str(old))
+  assert (old / "synthetic" / "checkpoints").is_dir()
+  steps.clear()
+  main.run(c, str(tmp_path / "old"), stages)
+  assert steps == [2, 3]  # resumed, not restarted
+  assert not (old / "synthetic").exists()
+  np.testing.assert_allclose(np.load(old / "result.npz")["images"], want, atol=1e-6)
+
+  # A finished nested set (rows gone) is read back, not recomputed.
+  os.makedirs(old / "synthetic")
+  for f in os.listdir(old):
+    if f != "synthetic":
+      os.replace(old / f, old / "synthetic" / f)
+  shutil.rmtree(tmp_path / "old" / "rows")
+  steps.clear()
+  main.run(c, str(tmp_path / "old"), stages)
+  assert steps == [] and (old / "result.npz").exists() and not (old / "synthetic").exists()
