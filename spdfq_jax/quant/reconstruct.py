@@ -10,10 +10,13 @@ Training the unit's other parameters too (biases, LayerNorm affine, tokens, posi
 tables) is the default (`recon.train='all'`; 'kernels' trains only the kernels).
 
 With a workdir the loop saves (params, next unit) after every unit and resumes there.
+A loss that stops being finite ends the run at once (FloatingPointError naming the unit,
+the step and the last good checkpoint) instead of saving NaN weights.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional
 
 import jax
@@ -55,6 +58,42 @@ def run_unit(module: zoo.Model, variables: dict, name: str, x: jax.Array, chunk_
                           for i in range(0, x.shape[0], chunk_size)])
 
 
+CHECK_EVERY = 20  # steps between looks at the losses (each look waits for the device)
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A unit's loss (or, after its last update, its weights) stopped being finite at `step`
+  (0-based)."""
+
+  def __init__(self, unit: str, step: int, value: float, iters: int, what: str = "loss"):
+    self.unit, self.step, self.value, self.iters = unit, step, value, iters
+    detail = f"loss is {value}" if what == "loss" else "weights are not finite"
+    super().__init__(f"reconstruction of unit {unit!r}: the {detail} at step {step + 1} "
+                     f"of {iters}")
+
+
+def first_nonfinite(values: np.ndarray) -> Optional[int]:
+  """Index of the first NaN / inf in `values`, or None."""
+  bad = np.flatnonzero(~np.isfinite(values))
+  return int(bad[0]) if bad.size else None
+
+
+def _stop_message(err: NonFiniteLoss, units: list, workdir: Optional[str], mgr: Any,
+                  cfg: ml_collections.ConfigDict) -> str:
+  done = [name for name, _ in units[:[n for n, _ in units].index(err.unit)]]
+  if mgr is None:
+    saved = "none: without a workdir nothing is saved"
+  elif mgr.latest_step() is None:
+    saved = f"none yet in {workdir} (no unit had finished)"
+  else:
+    step = mgr.latest_step()
+    saved = (f"{os.path.join(os.path.abspath(workdir), str(step))} (units "
+             f"{', '.join(done[:step]) or '-'} done); a restart resumes there")
+  return (f"{err}. Stopped before saving NaN weights. Last good checkpoint: {saved}. Lower "
+          f"quant.recon.lr (now {cfg.recon.lr:g}) or check that the calibration images are "
+          "finite and in the model's input range.")
+
+
 def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
                 images: np.ndarray, cfg: ml_collections.ConfigDict,
                 workdir: Optional[str] = None, progress: bool = True
@@ -82,8 +121,11 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
   for i, (name, paths) in enumerate(units):
     y_fp = run_unit(module, {"params": teacher}, name, x_fp, chunk)
     if i >= start and r.iters > 0:
-      student, entry = _train_unit(qmod, name, paths, student, qstate, wstate, cfg,
-                                   x_q, y_fp, i, progress)
+      try:
+        student, entry = _train_unit(qmod, name, paths, student, qstate, wstate, cfg,
+                                     x_q, y_fp, i, progress)
+      except NonFiniteLoss as e:
+        raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
       log.append(entry)
     if i + 1 < len(units) or mgr is not None:
       qvars = {"params": qmodel.quantize_weights(student, wstate, cfg), "quant": qstate}
@@ -141,15 +183,24 @@ def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params
   trainable = {p: get_subtree(params, p) for p in paths}
   opt_state = _optimizer(frozen_cfg, trainable).init(trainable)
   key = jax.random.fold_in(jax.random.PRNGKey(r.seed), index)
-  losses = []
+  losses, pending = [], []
   bar = tqdm(range(r.iters), desc=f"recon {name}", leave=False, disable=not progress)
   for it in bar:
     trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
                                        qstate, wstate, jax.random.fold_in(key, it), x_q, y_fp)
-    if it == 0 or it == r.iters - 1 or it % 20 == 0:
-      losses.append(float(loss))
+    pending.append(loss)
+    if it == 0 or it == r.iters - 1 or it % CHECK_EVERY == 0:
+      values = np.asarray(jax.device_get(pending), np.float64)
+      bad = first_nonfinite(values)
+      if bad is not None:
+        bar.close()
+        raise NonFiniteLoss(name, it - len(values) + 1 + bad, float(values[bad]), r.iters)
+      pending = []
+      losses.append(float(values[-1]))
       bar.set_postfix(loss=f"{losses[-1]:.4g}")
   bar.close()
+  if not all(bool(jnp.isfinite(v).all()) for v in jax.tree_util.tree_leaves(trainable)):
+    raise NonFiniteLoss(name, r.iters - 1, float("nan"), r.iters, what="weights")
   for p, sub in trainable.items():
     params = set_subtree(params, p, sub)
   return params, {"unit": name, "loss_first": losses[0], "loss_last": losses[-1]}
