@@ -7,8 +7,11 @@ Nothing here touches the network: weights come from local files only.
 """
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
+import zipfile
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import flax
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spdfq_jax.models import native, zoo
+from spdfq_jax.models import arch, native, zoo
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 ASSETS = ("fmnist_vit", "fmnist_swin")  # built-in small models, in our native format
@@ -26,12 +29,57 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _BUFFERS = ("relative_position_index", "attn_mask")
 # Wrappers around the state dict in training checkpoints (DeiT, Swin: 'model').
 _NESTING = ("model", "state_dict", "model_ema", "state_dict_ema")
+MAX_LISTED = 12  # keys listed per kind of mismatch; the counts are always complete
 
 Params = dict[str, Any]
 NameOrModule = Union[str, zoo.Model]
 
 
 # ----------------------------------------------------------------------------- reading files
+def safetensors_problem(path: str) -> Optional[str]:
+  """Why a .safetensors file cannot be read (truncated, corrupt), or None: checked from the
+  header and the file size alone, before any tensor is read."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      return f"it has {size} bytes, fewer than a .safetensors header: empty or truncated"
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+      return (f"its header claims {n} bytes but only {size - 8} follow: truncated, or not "
+              "a .safetensors file")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      return "its header is not JSON: corrupt, or not a .safetensors file"
+  if not isinstance(header, dict):
+    return "its header is not a JSON object: corrupt, or not a .safetensors file"
+  need = max((v["data_offsets"][1] for k, v in header.items()
+              if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+  have = size - 8 - n
+  if need > have:
+    return f"truncated: its tensors need {need} bytes after the header, {have} are there"
+  return None
+
+
+def check_file(path: str) -> None:
+  """Raises one ValueError for a truncated or corrupt .safetensors file."""
+  if path.endswith(".safetensors"):
+    problem = safetensors_problem(path)
+    if problem:
+      raise ValueError(f"{path} cannot be read: {problem}. Download or write it again.")
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of a .npz, or one ValueError naming the file when it is damaged."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return dict(f)
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read as .npz ({e}): truncated or corrupt. "
+                     "Download it again.") from e
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a .safetensors file as numpy (float32 for bf16, which numpy lacks)."""
   from safetensors.numpy import load_file
@@ -242,6 +290,15 @@ def augreg_to_flax(w: Mapping[str, np.ndarray]) -> tuple[Params, list[str]]:
   return p, unused
 
 
+def augreg_hints(w: Mapping[str, np.ndarray]) -> dict[str, int]:
+  """Fields an AugReg .npz keeps that our layout loses: the heads axis of the query kernel,
+  (D, heads, head_dim), or (depth, D, heads, head_dim) when the blocks are scanned."""
+  for k, v in w.items():
+    if re.search(r"MultiHeadDotProductAttention_\d/query/kernel$", k) and np.ndim(v) >= 3:
+      return {"num_heads": int(np.shape(v)[-2])}
+  return {}
+
+
 # ----------------------------------------------------------------------------- checking
 def input_channels(flat_params: dict) -> int:
   """Image channels a checkpoint was trained on (its patch-embedding kernel's input axis);
@@ -273,9 +330,29 @@ def check(module: nn.Module, params: Params, unused: Iterable[str] = (), source:
     return
   lines = [f"Checkpoint {source or ''} does not match {type(module).__name__} "
            f"({len(missing)} missing, {len(extra)} unused, {len(wrong)} wrongly shaped):"]
+  lines += _architecture_note(module, {k: tuple(np.shape(v)) for k, v in got.items()})
   for title, items in (("missing", missing), ("unused", extra), ("wrong shape", wrong)):
-    lines += [f"  {title}: {item}" for item in items]
+    lines += [f"  {title}: {item}" for item in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+      lines.append(f"  ... and {len(items) - MAX_LISTED} more {title}")
   raise ValueError("\n".join(lines))
+
+
+def _architecture_note(module: zoo.Model, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+  """One line saying how the file's architecture differs from the model's, when it does."""
+  family, found, _ = arch.infer(shapes)
+  if family is None:
+    return []
+  want = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  if family != want:
+    return [f"  The file holds a {'Swin' if family == 'swin' else 'ViT'} "
+            f"({arch.to_spec(family, found)}), the model is {arch.module_spec(module)}."]
+  diff = [f"{k}={v} (model {getattr(module, k)})" for k, v in found.items()
+          if tuple(np.atleast_1d(v)) != tuple(np.atleast_1d(getattr(module, k)))]
+  if not diff:
+    return []
+  return [f"  It is another architecture: the file has {', '.join(diff)}. Load it with its "
+          f"own ({arch.to_spec(family, found)}, plus what the shapes do not give)."]
 
 
 def num_classes_of(params: Params) -> Optional[int]:
@@ -284,7 +361,7 @@ def num_classes_of(params: Params) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def _base_module(name: NameOrModule) -> Optional[zoo.Model]:
+def _base_module(name: Optional[NameOrModule]) -> Optional[zoo.Model]:
   if isinstance(name, nn.Module):
     return name
   if name in zoo.REGISTRY:
@@ -292,12 +369,22 @@ def _base_module(name: NameOrModule) -> Optional[zoo.Model]:
   return None
 
 
-def resolve(name: NameOrModule, path: Optional[str]) -> str:
+def unknown_model_message(name: str) -> str:
+  close = difflib.get_close_matches(name, zoo.names() + list(ASSETS), n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return (f"Unknown model {name!r}.{hint} Known models: {', '.join(zoo.names())}; "
+          f"built-in assets: {', '.join(ASSETS)}; or an architecture such as "
+          "'vit:num_heads=4' (models.arch), or a module (zoo.custom_vit(...)).")
+
+
+def resolve(name: Optional[NameOrModule], path: Optional[str]) -> str:
   """The file to read: `path`, or the built-in asset file of `name`."""
-  if isinstance(name, str) and name not in zoo.REGISTRY and name not in ASSETS:
-    raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(zoo.names())}; "
-                     f"built-in assets: {', '.join(ASSETS)}; or pass a module "
-                     "(zoo.custom_vit(...) / zoo.custom_swin(...)).")
+  if (isinstance(name, str) and name not in zoo.REGISTRY and name not in ASSETS
+      and not arch.is_spec(name)):
+    raise ValueError(unknown_model_message(name))
+  if path is None and (not name or (isinstance(name, str) and arch.is_spec(name))):
+    raise FileNotFoundError("No checkpoint path: an architecture alone has no weights; pass "
+                            "the checkpoint file.")
   if path is None:
     if isinstance(name, str) and name in ASSETS:
       path = os.path.join(ASSET_DIR, f"{name}.safetensors")
@@ -315,36 +402,69 @@ def resolve(name: NameOrModule, path: Optional[str]) -> str:
   return path
 
 
-def load(name: NameOrModule, path: Optional[str] = None, **overrides: Any) -> tuple[zoo.Model, Params]:
-  """(module, params) for a registry name, a built-in asset or a given module.
+def load(name: Optional[NameOrModule] = None, path: Optional[str] = None, **overrides: Any
+         ) -> tuple[zoo.Model, Params]:
+  """(module, params) for a registry name, a built-in asset, a module, an architecture
+  spec or nothing.
 
   `path`: timm .safetensors; timm / original DeiT / original Swin .pth (needs torch);
-  Google AugReg .npz (ViT); or our own .safetensors, whose metadata rebuilds the module.
-  num_classes comes from the checkpoint's head; `overrides` (e.g. point) are applied last.
-  Params are float32 numpy arrays in the module's layout.
+  Google AugReg .npz (ViT); or our own .safetensors, whose metadata rebuilds the module
+  whatever `name` says. For other files the architecture is `name`'s, or, for a spec
+  ('vit:num_heads=4', see `models.arch`) or None, read from the file's shapes where they
+  determine it. num_classes comes from the checkpoint's head; `overrides` (e.g. point)
+  are applied last. Params are float32 numpy arrays in the module's layout.
   """
   path = resolve(name, path)
-  unused: list[str] = []
+  check_file(path)
   if path.endswith(".safetensors") and native.read_metadata(path) is not None:
     module, params, _ = native.load(path)
-    return _finish(module, params, unused, path, overrides, infer_classes=False)
-  base = _base_module(name)
-  if base is None:
+    return _finish(module, params, [], path, overrides, infer_classes=False)
+  if isinstance(name, str) and name in ASSETS:
     raise ValueError(f"{path} is not a spdfq_jax checkpoint, which built-in asset {name!r} must be.")
-  family = "swin" if isinstance(base, zoo.SwinTransformer) else "vit"
-  if path.endswith(".safetensors"):
-    params = timm_to_flax(read_safetensors(path), family)
-  elif path.endswith(TORCH_SUFFIXES):
-    params = timm_to_flax(read_torch(path), family)
-  elif path.endswith(".npz"):
-    if family != "vit":
-      raise ValueError(f"{path}: .npz checkpoints are Google ViTs; {name!r} is a Swin.")
-    with np.load(path, allow_pickle=False) as f:
-      params, unused = augreg_to_flax(dict(f))
+  base = _base_module(name)
+  raw = read_raw(path)
+  if base is not None:
+    family = "swin" if isinstance(base, zoo.SwinTransformer) else "vit"
+  elif name:
+    family = arch.parse(name)[0]
   else:
-    raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, "
-                     f"{'/'.join(TORCH_SUFFIXES)} or .npz.")
+    family = raw_family(raw, path)
+  params, unused, hints = to_params(raw, path, family, name)
+  if base is None:
+    shapes = {k: tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(
+        params, sep="/").items()}
+    base = arch.resolve(name or None, shapes, hints, source=path)
   return _finish(base, params, unused, path, overrides, infer_classes=True)
+
+
+def read_raw(path: str) -> Mapping[str, np.ndarray]:
+  """A foreign checkpoint's tensors as stored (state dict or .npz arrays)."""
+  if path.endswith(".safetensors"):
+    return read_safetensors(path)
+  if path.endswith(TORCH_SUFFIXES):
+    return read_torch(path)
+  if path.endswith(".npz"):
+    return read_npz(path)
+  raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, "
+                   f"{'/'.join(TORCH_SUFFIXES)} or .npz.")
+
+
+def raw_family(raw: Mapping[str, Any], path: str) -> str:
+  """'swin' when a state dict has Swin stages (layers.i), else 'vit' (and for every .npz)."""
+  if path.endswith(".npz"):
+    return "vit"
+  return "swin" if any(k.startswith("layers.") for k in unnest(raw)) else "vit"
+
+
+def to_params(raw: Mapping[str, np.ndarray], path: str, family: str,
+              name: Optional[NameOrModule] = None) -> tuple[Params, list[str], dict]:
+  """(our params, unused source keys, architecture hints) of a foreign checkpoint."""
+  if not path.endswith(".npz"):
+    return timm_to_flax(raw, family), [], {}
+  if family != "vit":
+    raise ValueError(f"{path}: .npz checkpoints are Google ViTs; {name!r} is a Swin.")
+  params, unused = augreg_to_flax(raw)
+  return params, unused, augreg_hints(raw)
 
 
 def _finish(module: zoo.Model, params: Params, unused: list[str], path: str,
@@ -354,6 +474,7 @@ def _finish(module: zoo.Model, params: Params, unused: list[str], path: str,
     module = module.clone(num_classes=classes)
   if overrides:
     module = module.clone(**overrides)
+  arch.check(module)
   check(module, params, unused, source=path)
   return module, params
 
