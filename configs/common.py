@@ -1,7 +1,10 @@
 """Shared defaults of every run config (configs as code, big_vision style).
 
 A run config is `get_config(arg) -> ConfigDict` with these blocks:
-  model    name (timm registry name or built-in asset) and checkpoint path
+  model    name (timm registry name or built-in asset; with a checkpoint, any label),
+           checkpoint path, and arch: the architecture of a checkpoint outside the
+           registry ('vit:num_heads=4', see spdfq_jax/models/arch.py; empty = the
+           registry name's, our own format's metadata, or read from the file's shapes)
   data     which evaluation / real-calibration data and where it lives
   methods  comma-separated rows: noise | inversion | psaq | spdfq | real
   bits     comma-separated 'w4a4,w3a3'; empty = quant.w_bits / quant.a_bits
@@ -10,7 +13,8 @@ A run config is `get_config(arg) -> ConfigDict` with these blocks:
   quant    w_bits, a_bits, preset, and every field of `spdfq_jax.quant.default_config`
            the same way (`--config.quant.recon.iters=20`)
   eval     batch size and an optional image limit (0 = the whole split: the paper protocol)
-  seed, num_images, export, paper_top1 (the number the paper reports for the first row)
+  seed, num_images, export, export_to (a copy of the single row's quantized model at this
+  path, which must not exist), paper_top1 (the number the paper reports for the first row)
 """
 from __future__ import annotations
 
@@ -129,6 +133,7 @@ def get_config(model: str = "deit_small", *, checkpoint: Optional[str] = None,
     checkpoint = (f"checkpoints/{zoo.entry(name).checkpoint_tag}/model.safetensors"
                   if name in zoo.REGISTRY else "")
   c.model.checkpoint = checkpoint
+  c.model.arch = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = data  # imagenet | fashion_mnist
@@ -150,6 +155,7 @@ def get_config(model: str = "deit_small", *, checkpoint: Optional[str] = None,
   c.synth = synth_block()
   c.quant = quant_block(w_bits, a_bits)
   c.export = True
+  c.export_to = ""
   short = next((k for k, v in MODELS.items() if v == name), name)
   c.paper_top1 = config_dict.placeholder(float)
   c.paper_top1 = paper_top1(short, methods.split(",")[0], w_bits, a_bits)

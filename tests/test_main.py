@@ -151,7 +151,7 @@ def test_rows_and_overrides_get_their_own_directories(tmp_path):
   assert len(os.listdir(tmp_path / "synthetic")) == 2  # shared across bit settings
   c = _config()
   c.synth.iterations = 10
-  main.run(c, str(tmp_path), fake.stages())
+  main.run(c, str(tmp_path), fake.stages(), reuse_workdir=True)
   assert len(os.listdir(tmp_path / "synthetic")) == 3  # a changed setting never reuses
 
 

@@ -77,6 +77,7 @@ class Source:
   num_examples: int
   items: Callable[[], Iterable[tuple[Any, int]]]
   decode: Callable[[Any], Image.Image]
+  num_classes: int = NUM_CLASSES  # size of the label space the labels index
 
   def __len__(self) -> int:
     return self.num_examples
@@ -94,7 +95,8 @@ def _missing_message(data_dir: str, split: str) -> str:
   folder = _FOLDER_SPLITS[split][0]
   tar = MANUAL_TARS[split]
   return (
-      f"ImageNet {split} data not found under {data_dir!r}. Provide one of:\n"
+      f"ImageNet {split} data not found under {data_dir!r}{_misnamed(data_dir, split)}. "
+      "Provide one of:\n"
       f"  * an image folder: {os.path.join(data_dir, folder)}/<wnid>/*.JPEG (class folders "
       "named n01440764 ... n15075141; for the validation set sort the 50,000 images of "
       "ILSVRC2012_img_val.tar into class folders, e.g. with the widely used valprep.sh);\n"
@@ -102,6 +104,16 @@ def _missing_message(data_dir: str, split: str) -> str:
       f"{os.path.join(data_dir, 'downloads', 'manual')}/ (or data.manual_dir): TFDS prepares "
       f"'{TFDS_NAME}' in {data_dir} from it on first use, without any download.\n"
       "Set the directory with --config.data.dir=...")
+
+
+def _misnamed(data_dir: str, split: str) -> str:
+  """' (its class folders a, b, ... are not named by WordNet id)' when that is the reason."""
+  for name in _FOLDER_SPLITS[split]:
+    path = os.path.join(data_dir, name)
+    if os.path.isdir(path) and _class_dirs(path):
+      shown = ", ".join(_class_dirs(path)[:3])
+      return f" (the class folders of {path}, {shown} ..., are not named by WordNet id)"
+  return ""
 
 
 def _class_dirs(split_dir: str) -> list[str]:
@@ -129,9 +141,9 @@ def folder_source(split_dir: str) -> Source:
     unknown = [c for c in classes if c not in index]
     if unknown:
       raise ValueError(f"{split_dir}: folders {unknown[:5]} are not ImageNet-1k classes")
-    labels = [index[c] for c in classes]
+    labels, num_classes = [index[c] for c in classes], NUM_CLASSES
   else:
-    labels = list(range(len(classes)))
+    labels, num_classes = list(range(len(classes))), len(classes)
   examples = []
   for cls, label in zip(classes, labels):
     files = sorted(f for f in os.listdir(os.path.join(split_dir, cls))
@@ -139,7 +151,8 @@ def folder_source(split_dir: str) -> Source:
     examples += [(os.path.join(split_dir, cls, f), label) for f in files]
   if not examples:
     raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
-  return Source(f"folder {split_dir}", len(examples), lambda: iter(examples), _open_file)
+  return Source(f"folder {split_dir}", len(examples), lambda: iter(examples), _open_file,
+                num_classes)
 
 
 def _open_file(path: str) -> Image.Image:
@@ -202,6 +215,10 @@ def source(data_dir: str, split: str = "validation", *, kind: str = "auto",
     raise ValueError(f"split must be one of {sorted(_FOLDER_SPLITS)}, got {split!r}")
   if not data_dir:
     raise FileNotFoundError(_missing_message("<data.dir>", split))
+  if kind not in ("auto", "folder", "tfds"):
+    raise ValueError(f"data source kind must be auto, folder or tfds, got {kind!r}")
+  if not _maybe_present(data_dir, split, kind, manual_dir):
+    raise FileNotFoundError(_missing_message(data_dir, split))
   if kind in ("auto", "folder"):
     folder = find_folder(data_dir, split) if os.path.isdir(data_dir) else None
     if folder is not None:
@@ -209,9 +226,31 @@ def source(data_dir: str, split: str = "validation", *, kind: str = "auto",
       return _take(src, limit) if limit else src
     if kind == "folder":
       raise FileNotFoundError(_missing_message(data_dir, split))
-  elif kind != "tfds":
-    raise ValueError(f"data source kind must be auto, folder or tfds, got {kind!r}")
   return tfds_source(data_dir, split, manual_dir=manual_dir, limit=limit)
+
+
+def _maybe_present(data_dir: str, split: str, kind: str, manual_dir: Optional[str]) -> bool:
+  """False when a local `data_dir` certainly holds no such split (missing or empty, no
+  class folders, no TFDS dataset, no manual tar), so that the message comes at once
+  instead of after importing TFDS. kind='tfds' and remote paths (gs://...) are left to
+  TFDS."""
+  if kind == "tfds" or "://" in data_dir:
+    return True
+  if not os.path.isdir(data_dir):
+    return False
+  if find_folder(data_dir, split) is not None:
+    return True
+  if kind == "folder":
+    return False
+  manual = manual_dir or os.path.join(data_dir, "downloads", "manual")
+  return (os.path.isdir(os.path.join(data_dir, TFDS_NAME))
+          or os.path.exists(os.path.join(manual, MANUAL_TARS[split])))
+
+
+def check_train(data_dir: str, *, kind: str = "auto", manual_dir: Optional[str] = None) -> None:
+  """Raises FileNotFoundError (saying what to provide) when no training split is there."""
+  if not data_dir or not _maybe_present(data_dir, "train", kind, manual_dir):
+    raise FileNotFoundError(_missing_message(data_dir or "<data.dir>", "train"))
 
 
 def _take(src: Source, limit: int) -> Source:

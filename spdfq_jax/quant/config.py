@@ -82,10 +82,13 @@ def _set(c: ml_collections.ConfigDict, path: str, value: Any) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Fails early, with the offending field, instead of deep inside a jitted function."""
-  quantizers.check_bits(c.weights.bits)
-  quantizers.check_bits(c.acts.bits)
-  if c.softmax.bits is not None:
-    quantizers.check_bits(c.softmax.bits)
+  for name, bits in (("weights.bits", c.weights.bits), ("acts.bits", c.acts.bits),
+                     ("softmax.bits", c.softmax.bits)):
+    if bits is not None or name != "softmax.bits":
+      try:
+        quantizers.check_bits(bits)
+      except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
   for name, node in (("weights", c.weights), ("acts", c.acts)):
     if node.method not in METHODS:
       raise ValueError(f"{name}.method must be one of {METHODS}, got {node.method!r}")
