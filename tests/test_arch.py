@@ -157,8 +157,9 @@ needs_fmnist = pytest.mark.skipif(
 
 @needs_fmnist
 def test_timm_file_of_any_shape_through_main(tmp_path, timm_file):
-  with pytest.raises(main.InputError, match=r"num_heads cannot be read.*num_heads=\?"):
-    _run(tmp_path, name="", checkpoint=timm_file)
+  for name in ("", "fmnist_vit"):  # no name, or the demo config's (a built-in asset)
+    with pytest.raises(main.InputError, match=r"num_heads cannot be read.*num_heads=\?"):
+      _run(tmp_path, name=name, checkpoint=timm_file)
   out = _run(tmp_path, name="", checkpoint=timm_file, arch="vit:num_heads=4")
   assert out["model"] == "vit_c1" and out["num_images"] == 2 and out["eval_count"] == 16
   assert out["quant_top1"] == out["fp_top1"]  # the stand-in quantizer is the FP model

@@ -241,7 +241,9 @@ def test_fashion_mnist_directory(tmp_path, where):
 
 
 @pytest.mark.parametrize("where", ["missing", "empty"])
-def test_imagenet_directory(tmp_path, rgb_checkpoint, where):
+def test_imagenet_directory(tmp_path, rgb_checkpoint, where, monkeypatch):
+  from spdfq_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(imagenet, "tfds_source", _never)  # said at once, without TFDS
   d = tmp_path / "imagenet"
   if where == "empty":
     d.mkdir()

@@ -218,6 +218,10 @@ def test_older_nested_synthesis_dir_resumes(tmp_path):
   assert (flat / "result.npz").exists() and (flat / "checkpoints").is_dir()
   assert not (flat / "synthetic").exists()
   want = np.load(flat / "result.npz")["images"]
+  shutil.rmtree(tmp_path / "ref" / "rows")  # a finished flat set is read, not redone
+  steps.clear()
+  main.run(c, str(tmp_path / "ref"), stages)
+  assert steps == []
 
   # What the previous main left after a kill at step 2: a checkpoint at step 2, nested.
   module, params = _tiny_model()
