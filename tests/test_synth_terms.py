@@ -11,7 +11,7 @@ import pytest
 
 from spdfq_jax import synth
 from spdfq_jax.models import taps, zoo
-from spdfq_jax.synth import losses, regions
+from spdfq_jax.synth import losses, priors, regions
 
 G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
 
@@ -181,3 +181,45 @@ def test_plan_draws_like_the_reference():
   cfg.update(flip=False, jitter=(0, 0))
   plan = G.make_plan(cfg, info)
   assert not plan.flip.any() and not plan.shift.any()
+
+
+def test_prior_fit_is_pearson_of_renormalised_cls_rows():
+  """1 when the CLS row (renormalised over patches) is the prior; numpy's corrcoef against
+  another prior. Rules out an uncentred cosine, a wrong row, no renormalisation."""
+  b, h, prefix, g = 2, 3, 1, 9
+  n = prefix + g
+  rng = np.random.default_rng(0)
+  prior = rng.dirichlet(np.ones(g), (b, h)).astype(np.float32)
+  other = rng.dirichlet(np.ones(g), (b, h)).astype(np.float32)
+  attn = rng.dirichlet(np.ones(n), (b, h, n)).astype(np.float32)
+  attn[:, :, 0, prefix:] = prior * (1 - attn[:, :, 0, :prefix].sum(-1, keepdims=True))
+  fit = losses.prior_fit([jnp.asarray(attn)], [jnp.asarray(prior)], [0], prefix, False)[0]
+  np.testing.assert_allclose(fit, 1.0, rtol=1e-5)
+  fit = losses.prior_fit([jnp.asarray(attn)], [jnp.asarray(other)], [0], prefix, False)[0]
+  want = [[np.corrcoef(prior[i, j], other[i, j])[0, 1] for j in range(h)] for i in range(b)]
+  np.testing.assert_allclose(fit, want, rtol=1e-4, atol=1e-6)
+
+
+def test_run_diagnostics_measure_class_and_prior_fit():
+  """The recorded fit of a run equals an independent recount on its images."""
+  module, params = _tiny_vit(4)
+  cfg = synth.default_config("inversion")
+  cfg.update(num_images=3, iterations=20, warmup=2, tv_weight=0.0)
+  res = synth.generate(module, params, cfg, progress=False)
+  logits, attns, _ = taps.apply_with_attention(module, {"params": params}, res.images)
+  d = res.diagnostics
+  hits = np.argmax(logits, -1) == res.classes
+  assert 0 < hits.mean() and d["class_fit"] == pytest.approx(hits.mean())
+  per_block = []
+  for l, p in zip(res.apa_blocks, res.priors):
+    row = np.asarray(attns[l])[:, :, 0, 1:]
+    per_block.append([[np.corrcoef(row[i, j], p[i, j])[0, 1] for j in range(2)]
+                      for i in range(3)])
+  np.testing.assert_allclose(d["prior_fit"], np.mean(per_block), atol=1e-4)
+  assert len(d["prior_fit_per_block"]) == len(res.apa_blocks) == 3
+  # Chance: the same images against fresh mixtures (those of images 3..5 of the seed).
+  fresh = priors.draw_priors(cfg.seed, np.arange(3, 6), [(2, 4)] * 3, cfg.k_apa,
+                             tuple(cfg.sigma_range))
+  chance = [[[np.corrcoef(np.asarray(attns[l])[i, j, 0, 1:], p[i, j])[0, 1] for j in range(2)]
+             for i in range(3)] for l, p in zip(res.apa_blocks, fresh)]
+  np.testing.assert_allclose(d["prior_fit_chance"], np.mean(chance), atol=1e-4)
