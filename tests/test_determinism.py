@@ -1,0 +1,50 @@
+"""The same config and seed twice: byte-identical synthetic images and the same report."""
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import fmnist_w4a4  # noqa: E402  pylint: disable=wrong-import-position
+from spdfq_jax import main, quant, synth  # noqa: E402  pylint: disable=wrong-import-position
+from spdfq_jax.models import zoo  # noqa: E402  pylint: disable=wrong-import-position
+
+# What may differ between two runs of the same config: where and when they ran.
+VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
+            "load_seconds", "fp_eval_seconds", "machine", "command")
+
+
+def _run(workdir: str) -> tuple[dict, np.ndarray]:
+  module = zoo.custom_vit(img_size=32, patch_size=8, width=16, depth=2, num_heads=2,
+                          num_classes=10)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0),
+                                np.zeros((1, 32, 32, 1), np.float32))["params"]
+  stages = main.default_stages()
+  stages.load_model = lambda name, path=None: (module, params)
+  stages.generate = lambda m, p, cfg, workdir=None: synth.generate(
+      m, p, cfg, workdir=workdir, progress=False)
+  stages.quantize = lambda m, p, x, cfg, workdir=None: quant.quantize(
+      m, p, x, cfg, workdir=workdir, progress=False)
+  c = fmnist_w4a4.get_config()
+  c.unlock()
+  c.num_images, c.export = 4, False
+  c.synth.iterations, c.synth.warmup = 4, 1
+  c.quant.recon.iters = 3
+  c.eval.limit, c.eval.batch_size = 64, 32
+  out = main.run(c, workdir, stages)
+  return out, np.load(os.path.join(out["synth_dir"], main.SET_FILE))["images"]
+
+
+def _stable(report: dict) -> dict:
+  strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE}
+  return dict(strip(report), rows=[strip(r) for r in report["rows"]])
+
+
+def test_same_config_twice_gives_identical_images_and_report(tmp_path):
+  first, images_a = _run(str(tmp_path / "a"))
+  second, images_b = _run(str(tmp_path / "b"))
+  assert images_a.tobytes() == images_b.tobytes()
+  assert _stable(first) == _stable(second)
+  assert "prior_fit" in first and first["quant_top1"] >= 0
