@@ -18,8 +18,10 @@ from spdfq_jax import main, quant, synth  # noqa: E402  pylint: disable=wrong-im
 from spdfq_jax.models import zoo  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def run(workdir: str, num_images: int) -> dict:
-  module = zoo.custom_vit(img_size=32, patch_size=8, width=16, depth=1, num_heads=2,
+def tiny_pipeline(depth: int = 1):
+  """(stages, config): the real synthesis and quantization on a tiny random 32 px ViT, with
+  the demo's config (unlocked) to cut down."""
+  module = zoo.custom_vit(img_size=32, patch_size=8, width=16, depth=depth, num_heads=2,
                           num_classes=10)
   params = jax.jit(module.init)(jax.random.PRNGKey(0),
                                 np.zeros((1, 32, 32, 1), np.float32))["params"]
@@ -31,6 +33,11 @@ def run(workdir: str, num_images: int) -> dict:
       m, p, x, cfg, workdir=workdir, progress=False)
   c = fmnist_w4a4.get_config()
   c.unlock()
+  return stages, c
+
+
+def run(workdir: str, num_images: int) -> dict:
+  stages, c = tiny_pipeline()
   c.methods, c.num_images, c.export = "inversion", num_images, False
   c.synth.iterations, c.synth.warmup = 2, 1
   c.quant.recon.iters = 0  # quantization does not shard; the synthesis and evaluation do

@@ -2,14 +2,12 @@
 import os
 import sys
 
-import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configs import fmnist_w4a4  # noqa: E402  pylint: disable=wrong-import-position
-from spdfq_jax import main, quant, synth  # noqa: E402  pylint: disable=wrong-import-position
-from spdfq_jax.models import zoo  # noqa: E402  pylint: disable=wrong-import-position
+import main_child  # noqa: E402  pylint: disable=wrong-import-position
+from spdfq_jax import main  # noqa: E402  pylint: disable=wrong-import-position
 
 # What may differ between two runs of the same config: where and when they ran.
 VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
@@ -17,18 +15,7 @@ VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "tot
 
 
 def _run(workdir: str) -> tuple[dict, np.ndarray]:
-  module = zoo.custom_vit(img_size=32, patch_size=8, width=16, depth=2, num_heads=2,
-                          num_classes=10)
-  params = jax.jit(module.init)(jax.random.PRNGKey(0),
-                                np.zeros((1, 32, 32, 1), np.float32))["params"]
-  stages = main.default_stages()
-  stages.load_model = lambda name, path=None: (module, params)
-  stages.generate = lambda m, p, cfg, workdir=None: synth.generate(
-      m, p, cfg, workdir=workdir, progress=False)
-  stages.quantize = lambda m, p, x, cfg, workdir=None: quant.quantize(
-      m, p, x, cfg, workdir=workdir, progress=False)
-  c = fmnist_w4a4.get_config()
-  c.unlock()
+  stages, c = main_child.tiny_pipeline(depth=2)
   c.num_images, c.export = 4, False
   c.synth.iterations, c.synth.warmup = 4, 1
   c.quant.recon.iters = 3
