@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import app, flags, logging
+import flax
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -728,20 +729,10 @@ def _warn_if_renamed(config: ml_collections.ConfigDict, module: Any) -> None:
                     arch.module_spec(named))
 
 
-def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, prefix + k + "."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def config_changes(old: dict, new: dict) -> list[str]:
   """'field: old -> new' for every setting that differs (fields one side lacks count only
   when set, so a field added to the configs since does not)."""
-  a, b = _flat_config(old), _flat_config(new)
+  a, b = (flax.traverse_util.flatten_dict(d, sep=".") for d in (old, new))
   unset = (None, "", [], {})
   out = []
   for k in sorted(set(a) | set(b)):
