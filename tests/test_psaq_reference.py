@@ -6,45 +6,26 @@ and recorded its draws, losses, gradients and images; here the same draws are re
 through this package's loop.
 """
 import importlib
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spdfq_jax import models, synth
-from spdfq_jax.models import taps, zoo
+import parity_util
+from spdfq_jax.models import taps
 from spdfq_jax.synth import losses
 
 G = importlib.import_module("spdfq_jax.synth.generate")
-DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "psaq_reference")
 
 
 @pytest.fixture(scope="module", params=["vit", "swin"])
 def case(request):
-  name = request.param
-  with np.load(os.path.join(DIR, f"{name}.npz"), allow_pickle=False) as f:
-    ref = dict(f)
-  arch = json.loads(str(ref["arch"]))
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch["kwargs"].items()}
-  build = zoo.custom_swin if arch["family"] == "swin" else zoo.custom_vit
-  module, params = models.load(build(**kwargs), os.path.join(DIR, f"{name}.safetensors"))
-  cfg = synth.default_config("psaq", arch["family"])
-  b = ref["images0"].shape[0]
-  cfg.update(num_images=b, mean=tuple(ref["mean"].tolist()), std=tuple(ref["std"].tolist()))
-  info = G.model_info(module, params, cfg)
-  fixed = {"targets": np.eye(info.num_classes, dtype=np.float32)[ref["labels"]],
-           "region_targets": np.zeros((b, 4, info.num_classes), np.float32), "priors": []}
-  return name, module, params, cfg, info, fixed, ref
+  return (request.param,) + parity_util.psaq_case(request.param)
 
 
-def _plan(ref, steps):
-  s = len(ref["lr"]) if steps is None else steps
-  z = np.zeros(s, np.int32)
-  return G.Plan(ref["lr"][:s].astype(np.float32), ref["shift"][:s].astype(np.int32),
-                ref["flip"][:s].astype(bool), z, z.astype(bool), float(ref["tv_target"]))
+_plan = parity_util.psaq_plan
+_cos = parity_util.cosine
 
 
 def _device_fixed(fixed, b):
@@ -54,11 +35,6 @@ def _device_fixed(fixed, b):
 
 def _rel(a, b):
   return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
-def _cos(a, b):
-  a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def test_fixture_names_the_reference_commit(case):
