@@ -22,6 +22,7 @@ def get_config(arg: str = "vit") -> ml_collections.ConfigDict:
   if arg not in MODELS:
     raise ValueError(f"config arg must be one of {sorted(MODELS)}, got {arg!r}")
   c = ml_collections.ConfigDict()
+  c.dataset = "fashion_mnist"
   c.family = arg
   c.model = dict(MODELS[arg], num_classes=10)
   c.data_dir = ""          # empty: /usr/share/datasets/fashion-mnist (or a prepared TFDS)

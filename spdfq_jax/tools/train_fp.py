@@ -1,6 +1,8 @@
-"""Trains a full-precision ViT/Swin on Fashion-MNIST (the project's built-in test bed).
+"""Trains a full-precision ViT/Swin on a built-in test bed: Fashion-MNIST (32x32, grey)
+or Fashion-MNIST scenes (48x48 RGB, `config.dataset='scenes'`, fresh scenes every epoch).
 
   python -m spdfq_jax.tools.train_fp --config=configs/fmnist_train.py:vit --workdir=DIR
+  python -m spdfq_jax.tools.train_fp --config=configs/scenes_train.py:vit --workdir=DIR
 
 AdamW with linear warm-up and cosine decay, random flips and pad-and-crop, batch split
 over the `data` mesh axis. The state is saved with Orbax every `ckpt_every_steps` and at
@@ -11,6 +13,7 @@ format with its test accuracy, command, seed and training time in the metadata.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shlex
@@ -28,7 +31,7 @@ import optax
 from tqdm import tqdm
 
 from spdfq_jax import checkpoint, evaluate, parallel
-from spdfq_jax.data import fashion_mnist
+from spdfq_jax.data import fashion_mnist, scenes
 from spdfq_jax.models import native, zoo
 
 
@@ -72,10 +75,71 @@ def augment(key: jax.Array, images: jax.Array, flip: bool, crop_pad: int, fill: 
   return images
 
 
+class TrainData:
+  """The training images of epoch e and the fixed test set of `config.dataset`.
+
+  Fashion-MNIST trains on the same 60k images every epoch; scenes draws new scenes of the
+  same 60k items every epoch (seed = epoch + 1; the test scenes use seed 0), and builds the
+  next epoch's in a background thread while the current one trains.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.scenes = config.get("dataset", "fashion_mnist") == "scenes"
+    data_dir = config.data_dir or None
+    n_train, n_test = config.get("train_examples", 0), config.get("test_examples", 0)
+    if self.scenes:
+      items, self.train_y = fashion_mnist.load_raw("train", data_dir)
+      self.items = items[:n_train] if n_train > 0 else items
+      self.train_y = self.train_y[:len(self.items)]
+      idx = np.arange(n_test) if n_test > 0 else None
+      test_u8, self.test_y, _ = scenes.load_raw("test", data_dir, indices=idx)
+      self.test_x = scenes.normalise(test_u8)
+      self._pool = concurrent.futures.ThreadPoolExecutor(1)
+      self._pending: dict[int, concurrent.futures.Future] = {}
+    else:
+      self.train_x, self.train_y = fashion_mnist.load("train", data_dir, config.channels)
+      self.test_x, self.test_y = fashion_mnist.load("test", data_dir, config.channels)
+      if n_train > 0:
+        self.train_x, self.train_y = self.train_x[:n_train], self.train_y[:n_train]
+      if n_test > 0:
+        self.test_x, self.test_y = self.test_x[:n_test], self.test_y[:n_test]
+
+  def __len__(self) -> int:
+    return len(self.train_y)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.test_x.shape[1:]
+
+  def _make(self, epoch: int) -> np.ndarray:
+    return scenes.normalise(scenes.make(self.items, epoch + 1, "train")[0])
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """All training images of `epoch` (a pure function of the epoch)."""
+    if not self.scenes:
+      return self.train_x
+    future = self._pending.pop(epoch, None)
+    images = future.result() if future else self._make(epoch)
+    self._pending = {epoch + 1: self._pool.submit(self._make, epoch + 1)}
+    return images
+
+  def preprocessing(self) -> zoo.Preprocessing:
+    return scenes.preprocessing() if self.scenes else fashion_mnist.preprocessing(
+        self.config.channels)
+
+  def name(self) -> str:
+    return "fmnist_scenes" if self.scenes else "fashion_mnist"
+
+  def fill(self) -> float:
+    """The padding value of random crops: black."""
+    return float(scenes.pixel_range()[0].min()) if self.scenes else fashion_mnist.pixel_range()[0]
+
+
 def make_train_step(module: zoo.Model, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> Callable:
+                    config: ml_collections.ConfigDict, fill: Optional[float] = None) -> Callable:
   """(state, images, labels, key) -> (state, loss); state = {params, opt_state, step}."""
-  fill = fashion_mnist.pixel_range()[0]
+  fill = fashion_mnist.pixel_range()[0] if fill is None else fill
 
   def train_step(state, images, labels, key):
     key = jax.random.fold_in(key, state["step"])
@@ -112,20 +176,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           command: Optional[str] = None) -> tuple[zoo.Model, Any, dict]:
   """Trains (resuming from `workdir` if it holds a checkpoint); returns (module, params, result)."""
   module = build_model(config)
-  data_dir = config.data_dir or None
-  train_x, train_y = fashion_mnist.load("train", data_dir, config.channels)
-  test_x, test_y = fashion_mnist.load("test", data_dir, config.channels)
-  if config.get("train_examples", 0) > 0:  # a fixed subset, for quick checks
-    train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
-  if config.get("test_examples", 0) > 0:
-    test_x, test_y = test_x[:config.test_examples], test_y[:config.test_examples]
-  steps_per_epoch = len(train_x) // config.batch_size
+  data = TrainData(config)
+  test_x, test_y = data.test_x, data.test_y
+  steps_per_epoch = len(data) // config.batch_size
   total_steps = steps_per_epoch * config.epochs
   last_step = total_steps if config.max_steps <= 0 else min(total_steps, config.max_steps)
 
   root = jax.random.PRNGKey(config.seed)
   init_key, aug_key = jax.random.split(root)
-  params = module.init(init_key, jnp.zeros((1,) + train_x.shape[1:], jnp.float32))["params"]
+  params = module.init(init_key, jnp.zeros((1,) + data.image_shape, jnp.float32))["params"]
   tx = optimizer(config, total_steps)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
            "seconds": jnp.asarray(0.0, jnp.float32)}
@@ -141,7 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
   state = jax.device_put(state, repl)
-  step_fn = jax.jit(make_train_step(module, tx, config), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(module, tx, config, data.fill()), donate_argnums=0)
 
   result: dict = {}
   output = config.output or os.path.join(workdir, "model.safetensors")
@@ -153,9 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   while step < last_step:
     epoch, i = divmod(step, steps_per_epoch)
     if epoch != order_epoch:
-      order, order_epoch = epoch_order(config.seed, epoch, len(train_x)), epoch
+      order, order_epoch = epoch_order(config.seed, epoch, len(data)), epoch
+      train_x = data.epoch(epoch)
     idx = np.sort(order[i * config.batch_size:(i + 1) * config.batch_size])
-    batch = jax.device_put((train_x[idx], train_y[idx]), shard)
+    batch = jax.device_put((train_x[idx], data.train_y[idx]), shard)
     state, loss = step_fn(state, *batch, aug_key)
     step += 1
     bar.update(1)
@@ -174,24 +234,24 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         f.write(json.dumps({k: float(v) for k, v in result.items()}) + "\n")
       if (config.provisional_path and not provisional_done
           and result["top1"] >= config.provisional_top1):
-        _write(config.provisional_path, module, state, result, config, command)
+        _write(config.provisional_path, module, state, result, config, command, data)
         provisional_done = True
   bar.close()
   if result.get("step") != step:
     result = test_accuracy(module, state["params"], test_x, test_y, config.eval_batch_size)
     result.update(epoch=step / steps_per_epoch, step=step)
-  _write(output, module, state, result, config, command)
+  _write(output, module, state, result, config, command, data)
   print(f"Wrote {output}: test top-1 {result['top1']:.2f}% after {step} steps "
         f"({float(state['seconds']):.0f} s of training).", flush=True)
   return module, state["params"], result
 
 
 def _write(path: str, module: zoo.Model, state: dict, result: dict,
-           config: ml_collections.ConfigDict, command: Optional[str]) -> None:
+           config: ml_collections.ConfigDict, command: Optional[str], data: TrainData) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  native.save(path, module, state["params"], fashion_mnist.preprocessing(config.channels),
+  native.save(path, module, state["params"], data.preprocessing(),
               test_top1=float(result["top1"]), test_top5=float(result["top5"]),
-              test_count=int(result["count"]), dataset="fashion_mnist",
+              test_count=int(result["count"]), dataset=data.name(),
               train_command=command or "", seed=int(config.seed),
               train_seconds=round(float(state["seconds"]), 1), train_steps=int(state["step"]),
               train_config=config.to_dict())
