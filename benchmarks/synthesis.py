@@ -1,4 +1,4 @@
-"""Synthesis benchmarks: step time split, and calibration quality on Fashion-MNIST.
+"""Synthesis benchmarks: step time split, and calibration quality on the built-in test beds.
 
   python benchmarks/synthesis.py timing [--models fmnist_vit,deit_tiny_patch16_224,...]
       Seconds per synthesis iteration (batch 32, random weights), split into the bare
@@ -12,6 +12,7 @@
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
       32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
+      `--bed scenes` the scenes test bed (48x48 RGB, asset scenes_<family>) instead;
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
       `--quant recon_iters=20,...` overrides quantization settings; `--eval-split train10k`
       scores on the last 10,000 training images, to compare settings without the test split.
@@ -39,11 +40,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
-from configs import fmnist_w4a4  # noqa: E402
+from configs import fmnist_w4a4, scenes_w4a4  # noqa: E402
 from spdfq_jax import parallel, synth  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
+# Test bed -> (asset name prefix, data module, the demo config's synthesis settings).
+BEDS = {"fmnist": ("fmnist", "fashion_mnist", fmnist_w4a4.SYNTH),
+        "scenes": ("scenes", "scenes", scenes_w4a4.SYNTH)}
 FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
 
 
@@ -137,29 +141,35 @@ def ablation_rows(spec: str) -> list[tuple[bool, bool, bool]]:
   return [tuple(c == "1" for c in item) for item in spec.split(",")]
 
 
-def load_asset(family: str):
+def load_asset(family: str, bed: str = "fmnist"):
   from spdfq_jax.models import native  # noqa: PLC0415
-  path = os.path.join(qe.ASSETS, f"fmnist_{family}.safetensors")
+  path = os.path.join(qe.ASSETS, f"{BEDS[bed][0]}_{family}.safetensors")
   module, params, _ = native.load(path)
   return module, params, path
 
 
+def bed_data(bed: str):
+  """The test bed's data module (fashion_mnist or scenes)."""
+  from spdfq_jax import data  # noqa: PLC0415
+  return data.test_bed(BEDS[bed][1])
+
+
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
-                  workroot: str, alpha1: float | None, channels: int, x_train_u8=None,
+                  workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
                   prior: str = "gmm") -> tuple[np.ndarray, dict]:
   """The 32 calibration images of one source and their `diagnostics` (class and prior fit;
   empty for real images); synthetic sets are cached under workroot by a
   tag of (family, row, seed, iterations, ablation, alpha1, prior), so `synthesize` (e.g. on
   a GPU) and `accuracy` (here) share them."""
-  from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
+  data = bed_data(bed)
   if row == "real":
-    idx = np.sort(np.random.default_rng(seed).choice(len(x_train_u8), 32, replace=False))
-    return fm.normalise(x_train_u8[idx], channels), {}
+    return data.calibration_images(32, seed, None, channels)[0], {}
   cfg = synth.default_config(row, family)
-  cfg.update(seed=seed, mean=(fm.MEAN,) * channels, std=(fm.STD,) * channels)
+  mean, std = np.broadcast_to(data.MEAN, (channels,)), np.broadcast_to(data.STD, (channels,))
+  cfg.update(seed=seed, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
   if row != "noise":
-    # The demo's settings (no roll jitter, its alpha1), then this run's length.
-    cfg.update(**fmnist_w4a4.SYNTH)
+    # The demo's settings (its jitter, TV target, alpha1), then this run's length.
+    cfg.update(**BEDS[bed][2])
     cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
   if abl is not None:
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
@@ -169,11 +179,10 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   if prior != "gmm" and cfg.apa:
     cfg.prior = prior
     if prior == "real":  # the FP model's attention on 32 other training images
-      idx = np.sort(np.random.default_rng(1000 + seed).choice(len(x_train_u8), 32, replace=False))
-      real_prior_images = fm.normalise(x_train_u8[idx], channels)
+      real_prior_images = data.calibration_images(32, 1000 + seed, None, channels)[0]
   # The all-on ablation row is the spdfq row: same tag, synthesised once.
   abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
-  tag = (f"{family}-{row}-{seed}-{iterations}" + abl_tag
+  tag = (("" if bed == "fmnist" else f"{bed}-") + f"{family}-{row}-{seed}-{iterations}" + abl_tag
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else ""))
   t = time.perf_counter()
@@ -188,6 +197,19 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   return result.images, d
 
 
+def eval_images(bed: str, split: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """The test split, or ('train10k') the last 10,000 training items, for choosing settings
+  without the test split."""
+  data = bed_data(bed)
+  if split == "test":
+    return data.load("test", None, channels)
+  if bed == "fmnist":
+    x, y = data.load_raw("train", None)
+    return data.normalise(x[-10000:], channels), y[-10000:]
+  x, y, _ = data.load_with_boxes("train", indices=np.arange(50000, 60000))
+  return data.normalise(x, channels), y
+
+
 def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
   out = [(r, None) for r in rows]
   return out + ([("spdfq", v) for v in ablation_rows(ablation)] if ablation else [])
@@ -195,35 +217,26 @@ def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
 
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
                    ablation: str, workroot: str, alpha1: float | None = None,
-                   prior: str = "gmm") -> None:
+                   prior: str = "gmm", bed: str = "fmnist") -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
-  module, params, path = load_asset(family)
+  module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
-  x_train_u8 = None
-  if prior == "real":
-    from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
-    x_train_u8 = fm.load_raw("train", None)[0]
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n", flush=True)
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
       source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
-                    channels, x_train_u8, prior)
+                    channels, bed, prior)
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
                  alpha1: float | None = None, preset: str = "full",
                  quant_overrides: dict | None = None, eval_split: str = "test",
-                 prior: str = "gmm") -> None:
+                 prior: str = "gmm", bed: str = "fmnist") -> None:
   from spdfq_jax import quant  # noqa: PLC0415
-  from spdfq_jax.data import fashion_mnist as fm  # noqa: PLC0415
-  module, params, path = load_asset(family)
+  module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
-  x_train_u8, y_train = fm.load_raw("train", None)
-  if eval_split == "test":
-    x_test, y_test = fm.load("test", None, channels)
-  else:  # settings are chosen without reading the test split
-    x_test, y_test = fm.normalise(x_train_u8[-10000:], channels), y_train[-10000:]
+  x_test, y_test = eval_images(bed, eval_split, channels)
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
         f"quantization preset {preset} {quant_overrides or ''}; evaluated on {eval_split}\n")
   fp = qe.top1(module, {"params": params}, x_test, y_test, 1000)
@@ -237,13 +250,13 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   for row, abl in variants(rows, ablation):
     for seed in seeds:
       images, diag = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                                   alpha1, channels, x_train_u8, prior)
+                                   alpha1, channels, bed, prior)
       if diag:
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
       for w, a in bits:
         key = json.dumps([family, row, abl, seed, iterations, alpha1, prior, w, a, preset,
-                          quant_overrides or {}, eval_split])
+                          quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed]))
         if key not in done:
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
@@ -314,6 +327,8 @@ def main() -> None:
   p.add_argument("--methods", default="psaq,spdfq")
   p.add_argument("--iters", type=int, default=3, help="timed iterations after compile")
   p.add_argument("--family", default="vit")
+  p.add_argument("--bed", default="fmnist", choices=sorted(BEDS),
+                 help="test bed: fmnist (32x32 grey) or scenes (48x48 RGB)")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--bits", default="4,4;3,3")
   p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
@@ -340,11 +355,11 @@ def main() -> None:
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   elif a.what == "synthesize":
     run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                   a.prior)
+                   a.prior, a.bed)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                 a.preset, parse_overrides(a.quant), a.eval_split, a.prior)
+                 a.preset, parse_overrides(a.quant), a.eval_split, a.prior, a.bed)
 
 
 if __name__ == "__main__":

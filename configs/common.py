@@ -136,7 +136,7 @@ def get_config(model: str = "deit_small", *, checkpoint: Optional[str] = None,
   c.model.arch = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = data  # imagenet | fashion_mnist
+  c.data.name = data  # imagenet | fashion_mnist | scenes (the built-in test beds)
   # ImageNet: a folder with val/<wnid>/*.JPEG (train/ for the real row), or a TFDS
   # data_dir holding imagenet2012 (prepared from downloads/manual/*.tar on first use).
   c.data.dir = "data/imagenet" if data == "imagenet" else ""

@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from spdfq_jax import data as data_lib
 from spdfq_jax import evaluate, parallel, report
 from spdfq_jax.models import zoo
 
@@ -229,11 +230,10 @@ def channels_of(params: Any) -> int:
 
 def preprocessing_of(config: ml_collections.ConfigDict, module: zoo.Model, params: Any
                      ) -> zoo.Preprocessing:
-  """The eval transform: fashion_mnist's for its test bed; else the checkpoint's own (our
-  format's metadata), the registry's, or timm's defaults, at the model's input size."""
-  if config.data.name == "fashion_mnist":
-    from spdfq_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-    return fashion_mnist.preprocessing(channels_of(params))
+  """The eval transform: the test bed's for a built-in test bed; else the checkpoint's own
+  (our format's metadata), the registry's, or timm's defaults, at the model's input size."""
+  if config.data.name in data_lib.TEST_BEDS:
+    return data_lib.test_bed(config.data.name).preprocessing(channels_of(params))
   pre = None
   path = config.model.checkpoint
   if path and path.endswith(".safetensors"):
@@ -286,7 +286,7 @@ class Data:
 
   def __init__(self, config: ml_collections.ConfigDict, pre: zoo.Preprocessing, channels: int):
     self.config, self.pre, self.channels = config, pre, channels
-    self._fmnist_test = None
+    self._test_bed_test = None
     self._source = None
 
   @property
@@ -298,24 +298,23 @@ class Data:
     evaluation split (and the training split for the real row) must be there and match
     the model's input and classes."""
     c = self.config
-    if c.data.name == "fashion_mnist":
-      from spdfq_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-      if module.img_size != fashion_mnist.IMG_SIZE or self.channels not in (1, 3):
+    if c.data.name in data_lib.TEST_BEDS:
+      bed = data_lib.test_bed(c.data.name)
+      channels = (1, 3) if c.data.name == "fashion_mnist" else (3,)
+      if module.img_size != bed.IMG_SIZE or self.channels not in channels:
         raise InputError(
-            f"data.name=fashion_mnist gives {fashion_mnist.IMG_SIZE}x{fashion_mnist.IMG_SIZE} "
-            f"images with 1 or 3 channels; the model takes {module.img_size}x{module.img_size}x"
-            f"{self.channels}. Use data.name=imagenet for an ImageNet model.")
-      if module.num_classes != fashion_mnist.NUM_CLASSES:
-        raise InputError(f"data.name=fashion_mnist has {fashion_mnist.NUM_CLASSES} classes; "
+            f"data.name={c.data.name} gives {bed.IMG_SIZE}x{bed.IMG_SIZE} images with "
+            f"{' or '.join(map(str, channels))} channels; the model takes {module.img_size}x"
+            f"{module.img_size}x{self.channels}. Use the data.name of the model's test bed "
+            "(fashion_mnist, scenes), or imagenet for an ImageNet model.")
+      if module.num_classes != bed.NUM_CLASSES:
+        raise InputError(f"data.name={c.data.name} has {bed.NUM_CLASSES} classes; "
                          f"the model predicts {module.num_classes}.")
-      splits = ("test", "train") if need_train else ("test",)
-      for split in splits:
+      for split in ("test", "train") if need_train else ("test",):
         try:
-          images = fashion_mnist.load_raw(split, c.data.dir or None)
+          bed.check(split, c.data.dir or None)
         except (FileNotFoundError, ValueError) as e:
           raise InputError(f"data.dir={c.data.dir!r}: {e}") from e
-        if split == "test":
-          self._fmnist_test = (fashion_mnist.normalise(images[0], self.channels), images[1])
       return
     if self.channels != 3:
       raise InputError(f"the model takes {self.channels}-channel images; data.name={c.data.name}"
@@ -357,11 +356,11 @@ class Data:
 
   def eval_batches(self) -> tuple[Iterator[tuple[np.ndarray, np.ndarray]], int]:
     c = self.config
-    if c.data.name == "fashion_mnist":
-      from spdfq_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-      if self._fmnist_test is None:
-        self._fmnist_test = fashion_mnist.load("test", c.data.dir or None, self.channels)
-      x, y = self._fmnist_test
+    if c.data.name in data_lib.TEST_BEDS:
+      if self._test_bed_test is None:
+        self._test_bed_test = data_lib.test_bed(c.data.name).load(
+            "test", c.data.dir or None, self.channels)
+      x, y = self._test_bed_test
       if self.limit:
         x, y = x[:self.limit], y[:self.limit]
       return evaluate.batches_from_arrays(x, y, c.eval.batch_size), len(x)
@@ -369,15 +368,13 @@ class Data:
       from spdfq_jax.data import imagenet  # pylint: disable=g-import-not-at-top
       src = self.eval_source()
       return imagenet.batches(src, self.pre, c.eval.batch_size, workers=c.data.workers), len(src)
-    raise ValueError(f"data.name must be imagenet or fashion_mnist, got {c.data.name!r}")
+    raise ValueError(f"data.name must be imagenet, fashion_mnist or scenes, got {c.data.name!r}")
 
   def real_images(self, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     c = self.config
-    if c.data.name == "fashion_mnist":
-      from spdfq_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-      images, labels = fashion_mnist.load_raw("train", c.data.dir or None)
-      idx = np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))
-      return fashion_mnist.normalise(images[idx], self.channels), labels[idx]
+    if c.data.name in data_lib.TEST_BEDS:
+      return data_lib.test_bed(c.data.name).calibration_images(num, seed, c.data.dir or None,
+                                                               self.channels)
     from spdfq_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     return imagenet.calibration_images(c.data.dir, self.pre, num, seed, kind=c.data.source,
                                        manual_dir=c.data.manual_dir or None,
@@ -647,8 +644,9 @@ def validate(config: ml_collections.ConfigDict, stages: Stages) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise InputError(f"{name}={value!r}: must be an integer >= {low}"
                        + (" (the paper calibrates on 32 images)." if name == "num_images" else "."))
-  if config.data.name not in ("imagenet", "fashion_mnist"):
-    raise InputError(f"data.name={config.data.name!r}: must be imagenet or fashion_mnist.")
+  if config.data.name not in ("imagenet",) + data_lib.TEST_BEDS:
+    raise InputError(f"data.name={config.data.name!r}: must be imagenet, "
+                     f"{', '.join(data_lib.TEST_BEDS)}.")
   if config.data.source not in ("auto", "folder", "tfds"):
     raise InputError(f"data.source={config.data.source!r}: must be auto, folder or tfds.")
   for _, w, a in rows:

@@ -13,7 +13,7 @@ from spdfq_jax.synth import config as synth_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIGS = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                     if os.path.basename(f) not in ("common.py", "fmnist_train.py"))
+                     if os.path.basename(f) not in ("common.py", "fmnist_train.py", "scenes_train.py"))
 PAPER_MODELS = ("vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base",
                 "swin_small", "swin_base")
 
@@ -28,7 +28,7 @@ def _parse(argv):
 
 def _check(c):
   assert c.model.name in zoo.REGISTRY or c.model.name in convert.ASSETS
-  assert c.data.name in ("imagenet", "fashion_mnist")
+  assert c.data.name in ("imagenet", "fashion_mnist", "scenes")
   assert c.data.source in ("auto", "folder", "tfds")
   assert c.eval.batch_size > 0 and c.eval.limit >= 0 and c.num_images > 0
   family = "vit"
@@ -78,8 +78,9 @@ def test_vitb_w4a4_and_overrides():
     _parse([f"--config={ROOT}/configs/vitb_w4a4.py", "--config.quant.no_such_field=1"])
 
 
-def test_compare_config_rows():
-  c = _parse([f"--config={ROOT}/configs/fmnist_compare.py"])
+@pytest.mark.parametrize("name", ["fmnist_compare", "scenes_compare"])
+def test_compare_config_rows(name):
+  c = _parse([f"--config={ROOT}/configs/{name}.py"])
   rows = main.rows_of(c)
   assert len(rows) == 10 and {m for m, _, _ in rows} == {"noise", "inversion", "psaq", "spdfq",
                                                           "real"}

@@ -59,7 +59,7 @@ def test_item_is_pasted_inside_its_box_and_canvas(train_items):
 def test_labels_are_the_items_classes():
   items, labels = fashion_mnist.load_raw("test")
   idx = np.array([0, 5, 123, 9999])
-  images, got, boxes = scenes.load_raw("test", indices=idx)
+  images, got, boxes = scenes.load_with_boxes("test", indices=idx)
   assert np.array_equal(got, labels[idx])
   assert images.shape == (4, 48, 48, 3) and images.dtype == np.uint8 and boxes.shape == (4, 4)
   ref, ref_boxes = scenes.make(items, scenes.TEST_SEED, "test", idx)
@@ -70,10 +70,10 @@ def test_cache_round_trip(tmp_path, monkeypatch):
   items, labels = fashion_mnist.load_raw("test")
   small = (items[:30], labels[:30])
   monkeypatch.setattr(fashion_mnist, "load_raw", lambda split, data_dir=None: small)
-  first = scenes.load_raw("test", cache_dir=str(tmp_path))
+  first = scenes.load_with_boxes("test", cache_dir=str(tmp_path))
   assert (tmp_path / "scenes-test-0.npz").exists()
   monkeypatch.setattr(scenes, "make", lambda *a, **k: pytest.fail("cache not used"))
-  second = scenes.load_raw("test", cache_dir=str(tmp_path))
+  second = scenes.load_with_boxes("test", cache_dir=str(tmp_path))
   for a, b in zip(first, second):
     assert np.array_equal(a, b)
 
@@ -89,3 +89,25 @@ def test_normalisation_constants_match_the_training_scenes(train_items):
   np.testing.assert_allclose(scenes.normalise(np.zeros((1, 1, 1, 3), np.uint8))[0, 0, 0], low)
   np.testing.assert_allclose(scenes.normalise(np.full((1, 1, 1, 3), 255, np.uint8))[0, 0, 0],
                              high, rtol=1e-6)
+
+
+def test_training_draws_fresh_scenes_of_the_same_items():
+  """Each epoch is new scenes (the augmentation) of the same items and labels."""
+  import importlib.util, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  from spdfq_jax.tools import train_fp  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("scenes_train",
+                                                os.path.join(root, "configs", "scenes_train.py"))
+  cfg_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_module)
+  config = cfg_module.get_config("vit")
+  config.train_examples, config.test_examples = 16, 8
+  data = train_fp.TrainData(config)
+  e0, e1 = data.epoch(0), data.epoch(1)
+  assert e0.shape == (16, 48, 48, 3) and data.image_shape == (48, 48, 3) and len(data) == 16
+  np.testing.assert_array_equal(e0, data.epoch(0))
+  assert np.abs(e0 - e1).mean() > 0.3
+  items, labels = fashion_mnist.load_raw("train")
+  np.testing.assert_array_equal(data.train_y, labels[:16])
+  np.testing.assert_array_equal(e1, scenes.normalise(scenes.make(items[:16], 2, "train")[0]))
+  assert data.preprocessing().mean == scenes.MEAN and data.name() == "scenes"

@@ -114,3 +114,16 @@ def load(split: str = "train", data_dir: Optional[str] = None, channels: int = 1
   images, labels = load_raw(split, data_dir)
   return normalise(images, channels), labels
 
+
+
+def check(split: str, data_dir: Optional[str] = None) -> None:
+  """Raises FileNotFoundError / ValueError when the split is not readable."""
+  load_raw(split, data_dir)
+
+
+def calibration_images(num: int, seed: int, data_dir: Optional[str] = None, channels: int = 1
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """`num` training images drawn without replacement by `seed`, normalised."""
+  images, labels = load_raw("train", data_dir)
+  idx = np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))
+  return normalise(images[idx], channels), labels[idx]

@@ -48,8 +48,10 @@ STD = (0.2209, 0.2204, 0.2207)
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
-def preprocessing() -> zoo.Preprocessing:
+def preprocessing(channels: int = 3) -> zoo.Preprocessing:
   """The evaluation transform (48x48 in, no resize or crop, per-channel normalisation)."""
+  if channels != 3:
+    raise ValueError(f"scenes are RGB: channels must be 3, got {channels}")
   return zoo.Preprocessing(input_size=IMG_SIZE, crop_pct=1.0, mean=MEAN, std=STD,
                            interpolation="none")
 
@@ -152,10 +154,11 @@ def make(items: np.ndarray, seed: int, split: str, indices: Optional[np.ndarray]
   return out, boxes
 
 
-def load_raw(split: str = "test", data_dir: Optional[str] = None, seed: Optional[int] = None,
-             cache_dir: Optional[str] = None, indices: Optional[np.ndarray] = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(uint8 scenes, int32 labels, int32 boxes) of one split.
+def load_with_boxes(split: str = "test", data_dir: Optional[str] = None,
+                    seed: Optional[int] = None, cache_dir: Optional[str] = None,
+                    indices: Optional[np.ndarray] = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(uint8 scenes, int32 labels, int32 item boxes) of one split (or of its `indices`).
 
   `seed` defaults to the fixed test-scene seed. With `cache_dir`, a whole split is stored
   there as an .npz on first use (write-then-rename) and read back after.
@@ -177,6 +180,27 @@ def load_raw(split: str = "test", data_dir: Optional[str] = None, seed: Optional
   return images, labels, boxes
 
 
+def load_raw(split: str = "test", data_dir: Optional[str] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 scenes (N, 48, 48, 3), int32 labels) of one split's fixed scenes."""
+  images, labels, _ = load_with_boxes(split, data_dir)
+  return images, labels
+
+
+def check(split: str, data_dir: Optional[str] = None) -> None:
+  """Raises FileNotFoundError / ValueError when the split's items are not readable."""
+  fashion_mnist.load_raw(split, data_dir)
+
+
+def calibration_images(num: int, seed: int, data_dir: Optional[str] = None, channels: int = 3
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """`num` training scenes (items drawn without replacement by `seed`), normalised."""
+  items, labels = fashion_mnist.load_raw("train", data_dir)
+  idx = np.sort(np.random.default_rng(seed).choice(len(items), num, replace=False))
+  images, _ = make(items, TEST_SEED, "train", idx)
+  return normalise(images, channels), labels[idx]
+
+
 def normalise(images_u8: np.ndarray, channels: int = 3) -> np.ndarray:
   """uint8 (N, 48, 48, 3) -> float32 normalised NHWC."""
   if channels != 3:
@@ -189,5 +213,5 @@ def load(split: str = "test", data_dir: Optional[str] = None, channels: int = 3,
          seed: Optional[int] = None, cache_dir: Optional[str] = None
          ) -> tuple[np.ndarray, np.ndarray]:
   """(float32 normalised scenes (N, 48, 48, 3), int32 labels) of one split."""
-  images, labels, _ = load_raw(split, data_dir, seed, cache_dir)
+  images, labels, _ = load_with_boxes(split, data_dir, seed, cache_dir)
   return normalise(images, channels), labels

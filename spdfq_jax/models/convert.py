@@ -23,7 +23,7 @@ import numpy as np
 from spdfq_jax.models import arch, native, zoo
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-ASSETS = ("fmnist_vit", "fmnist_swin")  # built-in small models, in our native format
+ASSETS = ("fmnist_vit", "fmnist_swin", "scenes_vit")  # built-in small models (native format)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Keys that timm / the original repos store but our modules recompute.
 _BUFFERS = ("relative_position_index", "attn_mask")

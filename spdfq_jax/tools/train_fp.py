@@ -13,7 +13,6 @@ format with its test accuracy, command, seed and training time in the metadata.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import shlex
@@ -79,8 +78,9 @@ class TrainData:
   """The training images of epoch e and the fixed test set of `config.dataset`.
 
   Fashion-MNIST trains on the same 60k images every epoch; scenes draws new scenes of the
-  same 60k items every epoch (seed = epoch + 1; the test scenes use seed 0), and builds the
-  next epoch's in a background thread while the current one trains.
+  same 60k items every epoch (seed = epoch + 1; the test scenes use seed 0). Building them
+  takes about a minute, in the main thread: a Python thread beside the training loop
+  starves it of the GIL.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -93,10 +93,8 @@ class TrainData:
       self.items = items[:n_train] if n_train > 0 else items
       self.train_y = self.train_y[:len(self.items)]
       idx = np.arange(n_test) if n_test > 0 else None
-      test_u8, self.test_y, _ = scenes.load_raw("test", data_dir, indices=idx)
+      test_u8, self.test_y, _ = scenes.load_with_boxes("test", data_dir, indices=idx)
       self.test_x = scenes.normalise(test_u8)
-      self._pool = concurrent.futures.ThreadPoolExecutor(1)
-      self._pending: dict[int, concurrent.futures.Future] = {}
     else:
       self.train_x, self.train_y = fashion_mnist.load("train", data_dir, config.channels)
       self.test_x, self.test_y = fashion_mnist.load("test", data_dir, config.channels)
@@ -112,24 +110,18 @@ class TrainData:
   def image_shape(self) -> tuple[int, ...]:
     return self.test_x.shape[1:]
 
-  def _make(self, epoch: int) -> np.ndarray:
-    return scenes.normalise(scenes.make(self.items, epoch + 1, "train")[0])
-
   def epoch(self, epoch: int) -> np.ndarray:
     """All training images of `epoch` (a pure function of the epoch)."""
     if not self.scenes:
       return self.train_x
-    future = self._pending.pop(epoch, None)
-    images = future.result() if future else self._make(epoch)
-    self._pending = {epoch + 1: self._pool.submit(self._make, epoch + 1)}
-    return images
+    return scenes.normalise(scenes.make(self.items, epoch + 1, "train")[0])
 
   def preprocessing(self) -> zoo.Preprocessing:
     return scenes.preprocessing() if self.scenes else fashion_mnist.preprocessing(
         self.config.channels)
 
   def name(self) -> str:
-    return "fmnist_scenes" if self.scenes else "fashion_mnist"
+    return "scenes" if self.scenes else "fashion_mnist"
 
   def fill(self) -> float:
     """The padding value of random crops: black."""

@@ -1,0 +1,23 @@
+"""Every calibration source on the built-in scenes ViT, at W4A4 and W3A3, one table.
+
+  python -m spdfq_jax.main --config=configs/scenes_compare.py
+
+Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), and 32
+real training scenes as the upper reference; all through scale reparameterisation and
+block-wise reconstruction. `benchmarks/synthesis.py accuracy --model scenes_vit` measures
+the same comparison over seeds; README.md and BENCHMARKS.md hold its tables.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import scenes_w4a4  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=None):
+  c = scenes_w4a4.get_config(arg)
+  c.title = "Fashion-MNIST scenes ViT: calibration sources at W4A4 and W3A3"
+  c.methods = "noise,inversion,psaq,spdfq,real"
+  c.bits = "w4a4,w3a3"
+  c.paper_top1 = None
+  return c
