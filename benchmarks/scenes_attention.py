@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from spdfq_jax.data import scenes  # noqa: E402
-from spdfq_jax.models import load, taps  # noqa: E402
+from spdfq_jax.models import convert, load, native, taps  # noqa: E402
 from spdfq_jax.synth import plots  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def figure(pixels: np.ndarray, boxes: np.ndarray, maps: np.ndarray, path: str,
     f = tile // img.shape[0]
     ImageDraw.Draw(t).rectangle([box[1] * f, box[0] * f, box[3] * f - 1, box[2] * f - 1],
                                 outline=(0, 255, 0), width=2)
-    tiles += [np.asarray(t), plots.heatmap(m, tile)]
+    tiles += [np.asarray(t), plots.heatmap(m - m.min(), tile)]  # min-max: contrast
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(plots.tile_grid(tiles, 8)).save(path)
 
@@ -79,7 +79,8 @@ def main() -> None:
   p.add_argument("--figure", default="runs/scenes_attention/attention.png")
   p.add_argument("--figure-images", type=int, default=8)
   a = p.parse_args()
-  module, params = load(a.model)
+  module, params = (load(a.model) if a.model in convert.ASSETS
+                    else native.load(a.model)[:2])
   pixels, labels, boxes = scenes.load_with_boxes("test", indices=np.arange(a.images))
   x = scenes.normalise(pixels)
   maps = measure(module, params, x)
