@@ -111,3 +111,45 @@ def test_training_draws_fresh_scenes_of_the_same_items():
   np.testing.assert_array_equal(data.train_y, labels[:16])
   np.testing.assert_array_equal(e1, scenes.normalise(scenes.make(items[:16], 2, "train")[0]))
   assert data.preprocessing().mean == scenes.MEAN and data.name() == "scenes"
+
+
+@pytest.mark.slow
+def test_asset_loads_by_name_and_reproduces_its_recorded_accuracy():
+  from spdfq_jax import evaluate, models  # pylint: disable=g-import-not-at-top
+  from spdfq_jax.models import native  # pylint: disable=g-import-not-at-top
+  module, params = models.load("scenes_vit")[:2]
+  meta = native.read_metadata(models.convert.resolve("scenes_vit", None))
+  assert meta["dataset"] == "scenes" and meta["test_count"] == 10000
+  assert tuple(meta["preprocessing"]["mean"]) == scenes.MEAN and module.img_size == 48
+  x, y = scenes.load("test")
+  result = evaluate.evaluate(lambda im: module.apply({"params": params}, im),
+                             evaluate.batches_from_arrays(x, y, 500), 500, total=len(x))
+  assert result["count"] == 10000
+  assert abs(result["top1"] - meta["test_top1"]) <= 0.05
+
+
+@pytest.mark.slow
+def test_pipeline_runs_on_the_scenes_bed(tmp_path):
+  """main with configs/scenes_compare.py (cut down): the scenes data reach synthesis,
+  calibration and evaluation; the real row calibrates on `scenes.calibration_images`."""
+  import importlib.util, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  from spdfq_jax import main  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "scenes_compare", os.path.join(root, "configs", "scenes_compare.py"))
+  cfg_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_module)
+  c = cfg_module.get_config()
+  c.unlock()
+  c.methods, c.bits, c.num_images, c.export = "psaq,real", "w4a4", 4, False
+  c.synth.iterations, c.synth.warmup = 2, 1
+  c.quant.recon.iters = 0
+  c.eval.limit, c.eval.batch_size = 40, 20
+  out = main.run(c, str(tmp_path), main.default_stages())
+  assert [r["method"] for r in out["rows"]] == ["psaq", "real"]
+  assert all(r["eval_count"] == 40 for r in out["rows"])
+  dirs = {d.split("-")[0]: d for d in os.listdir(tmp_path / "synthetic")}
+  real = np.load(tmp_path / "synthetic" / dirs["real"] / main.SET_FILE)["images"]
+  np.testing.assert_array_equal(real, scenes.calibration_images(4, c.seed)[0])
+  psaq = np.load(tmp_path / "synthetic" / dirs["psaq"] / main.SET_FILE)["images"]
+  assert psaq.shape == (4, 48, 48, 3) and np.isfinite(psaq).all()
