@@ -54,7 +54,7 @@ def test_folder_source_and_masked_last_batch(tmp_path):
   pre = zoo.entry("vit_small_patch16_224").preprocessing
   src = imagenet.source(str(tmp_path), "validation")
   assert len(src) == 7
-  labels = [y for _, y in src.items()]
+  labels = [y for _, y in src.items(0, len(src))]
   assert labels == [0, 0, 0, 1, 1, 2, 2]
   batches = list(imagenet.batches(src, pre, 4, workers=2))
   assert [b[0].shape for b in batches] == [(4, 224, 224, 3), (3, 224, 224, 3)]
@@ -70,7 +70,7 @@ def test_wnid_subset_keeps_imagenet_labels(tmp_path):
   os.makedirs(tmp_path / "val" / "n15075141")
   Image.new("RGB", (8, 8)).save(tmp_path / "val" / "n15075141" / "a.JPEG")
   src = imagenet.source(str(tmp_path))
-  assert [y for _, y in src.items()] == [999]
+  assert [y for _, y in src.items(0, len(src))] == [999]
 
 
 def test_tfds_mock(tmp_path):

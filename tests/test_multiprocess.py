@@ -1,0 +1,125 @@
+"""A real two-process run (2 CPU devices each, jax.distributed over localhost) against one
+process on 4 devices: the same synthetic images and the same report, with every file
+written by process 0 alone."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spdfq_jax import evaluate, main, parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = os.path.join(ROOT, "tests", "multiprocess_child.py")
+TIMEOUT_S = 240
+# What may differ between two runs of the same config: where, when and on what they ran.
+VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
+            "load_seconds", "fp_eval_seconds", "machine", "command", "device_count")
+SYNTH_TERMS = ("class_fit", "region_class_fit", "prior_fit", "prior_fit_chance")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, devices: int, process: int = 0, processes: int = 1, port: int = 0):
+  # Compiling dominates these tiny runs: XLA's cheapest CPU back end, the same on both sides.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  if processes > 1:
+    env.update({"SPDFQ_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                parallel.NUM_PROCESSES_ENV: str(processes),
+                parallel.PROCESS_ID_ENV: str(process)})
+  return subprocess.Popen([sys.executable, CHILD, str(workdir)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs: dict) -> list[dict]:
+  """Waits for every process (killing all at the timeout); on any failure, fails with the
+  stderr of each of them."""
+  outs = []
+  for p in procs.values():
+    try:
+      outs.append(p.communicate(timeout=TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+      for q in procs.values():
+        q.kill()
+      outs.append(p.communicate())
+  if any(p.returncode != 0 for p in procs.values()):
+    logs = "\n".join(f"--- {name} (exit {p.returncode}) stderr:\n{err[-6000:]}"
+                     for (name, p), (_, err) in zip(procs.items(), outs))
+    pytest.fail(f"a pipeline process failed or timed out after {TIMEOUT_S} s:\n{logs}")
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def _stable(report: dict) -> dict:
+  strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE + SYNTH_TERMS}
+  return dict(strip(report), rows=[strip(r) for r in report["rows"]])
+
+
+def _read(workdir) -> tuple[dict, np.ndarray]:
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  row = next(r for r in report["rows"] if r["method"] == "inversion")
+  return report, np.load(os.path.join(row["synth_dir"], main.SET_FILE))["images"]
+
+
+def _orbax_internal(path: str) -> bool:
+  """Files Orbax itself writes from every process of a multi-process save."""
+  return ".orbax-checkpoint-tmp" in path
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  port = _free_port()
+  procs = {f"process {i} of 2": _start(tmp_path / "multi", 2, i, 2, port) for i in range(2)}
+  procs["the single process"] = _start(tmp_path / "single", 4)
+  multi = _finish(procs)
+  assert [(m["process"], m["processes"], m["devices"]) for m in multi] == [
+      (0, 2, 4), (1, 2, 4), (0, 1, 4)]
+  # Only process 0 writes the workdir's files (reports, sets, PNGs, exports, moves);
+  # process 1 writes only its writability probe and its part of the Orbax checkpoints.
+  others = [w for w in multi[1]["writes"]
+            if not os.path.basename(w).startswith(".write-test-") and not _orbax_internal(w)]
+  assert others == [] and multi[1]["exports"] == [], (others, multi[1]["exports"])
+  assert len(multi[0]["exports"]) == 2
+  assert any(w.endswith("report.json.tmp") for w in multi[0]["writes"])
+
+  report_2x2, images_2x2 = _read(tmp_path / "multi")
+  report_1x4, images_1x4 = _read(tmp_path / "single")
+  assert report_2x2["machine"]["process_count"] == 2
+  np.testing.assert_allclose(images_2x2, images_1x4, rtol=0, atol=1e-5)
+  assert _stable(report_2x2) == _stable(report_1x4)
+  for a, b in zip(report_2x2["rows"], report_1x4["rows"]):
+    for k in SYNTH_TERMS:
+      assert a.get(k) == pytest.approx(b.get(k), abs=1e-4), k
+  assert report_1x4["eval_count"] == report_1x4["fp_eval_count"] == 61
+  # Orbax: every process saves and restores the same state, each gets it back whole.
+  for m in multi:
+    assert m["round_trip"] == {
+        "step": 1, "values": {"global": [3.0 * i for i in range(8)], "local": [0.5, 1.5, 2.5],
+                              "step": 7},
+        "global_sharding": ["data"], "local_on_this_process": True}
+
+
+def test_process_shares_cover_the_set_once():
+  for n, count in ((61, 2), (7, 3), (5, 5), (0, 2)):
+    shares = [parallel.process_rows(n, i, count) for i in range(count)]
+    expected = np.array_split(np.arange(n), count)
+    assert [list(range(*s)) for s in shares] == [e.tolist() for e in expected]
+  x, y = np.arange(61)[:, None], np.arange(61)
+  got = [b for i in range(2) for b in evaluate.batches_from_arrays(x, y, 8, i, 2)]
+  assert [len(b[1]) for b in got] == [8, 8, 8, 7, 8, 8, 8, 6]
+  np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), y)
+
+
+def test_a_process_given_the_wrong_share_is_told():
+  x, y = np.zeros((10, 3), np.float32), np.zeros(10, np.int32)
+  with pytest.raises(ValueError, match="share of the 6 is 6"):
+    evaluate.evaluate(lambda v: v, evaluate.batches_from_arrays(x, y, 4), 4, total=6)
