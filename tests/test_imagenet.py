@@ -61,6 +61,12 @@ def test_folder_source_and_masked_last_batch(tmp_path):
   result = evaluate.evaluate(_colour_logits, imagenet.batches(src, pre, 4), 4, total=len(src))
   assert result["count"] == 7  # padding of the last batch is masked out
   assert result["top1"] == pytest.approx(100.0)
+  # Each of 3 processes reads its own contiguous share; together, the set once, in order.
+  shares = [list(imagenet.batches(src, pre, 2, workers=2, process_index=i, process_count=3))
+            for i in range(3)]
+  assert [[len(y) for _, y in share] for share in shares] == [[2, 1], [2], [2]]
+  np.testing.assert_array_equal(np.concatenate([x for share in shares for x, _ in share]),
+                                np.concatenate([x for x, _ in batches]))
   # The folder itself may be the split directory.
   assert len(imagenet.source(str(tmp_path / "val"))) == 7
   assert len(imagenet.source(str(tmp_path), limit=5)) == 5
@@ -81,6 +87,12 @@ def test_tfds_mock(tmp_path):
     result = evaluate.evaluate(lambda x: jnp.zeros((x.shape[0], 1000)).at[:, 3].set(1.0),
                                imagenet.batches(src, pre, 3, workers=2), 3)
     assert result["count"] == 7
+    whole = np.concatenate([y for _, y in imagenet.batches(src, pre, 3)])
+    shares = [np.concatenate([y for _, y in imagenet.batches(src, pre, 3, process_index=i,
+                                                             process_count=2)])
+              for i in range(2)]
+    assert [len(s) for s in shares] == [4, 3]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)
     for images, labels in imagenet.batches(src, pre, 3):
       assert images.shape[1:] == (224, 224, 3) and labels.dtype == np.int32
       assert ((labels >= 0) & (labels < 1000)).all()
