@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,10 +15,10 @@ from spdfq_jax import evaluate, main, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, "tests", "multiprocess_child.py")
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # a hang (a process stuck in a collective) fails; a busy machine does not
 # What may differ between two runs of the same config: where, when and on what they ran.
 VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
-            "load_seconds", "fp_eval_seconds", "machine", "command", "device_count")
+            "load_seconds", "fp_eval_seconds", "machine", "command")
 SYNTH_TERMS = ("class_fit", "region_class_fit", "prior_fit", "prior_fit_chance")
 
 
@@ -27,7 +28,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, devices: int, process: int = 0, processes: int = 1, port: int = 0):
+def _start(logs, name: str, workdir, devices: int, process: int = 0, processes: int = 1,
+           port: int = 0) -> tuple[subprocess.Popen, str]:
+  """Starts one pipeline process; its stdout and stderr go to files (a pipe nobody reads
+  yet would fill up and stall it, and with it every process waiting in a collective)."""
   # Compiling dominates these tiny runs: XLA's cheapest CPU back end, the same on both sides.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -36,26 +40,35 @@ def _start(workdir, devices: int, process: int = 0, processes: int = 1, port: in
     env.update({"SPDFQ_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                 parallel.NUM_PROCESSES_ENV: str(processes),
                 parallel.PROCESS_ID_ENV: str(process)})
-  return subprocess.Popen([sys.executable, CHILD, str(workdir)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  log = os.path.join(logs, name.replace(" ", "_"))
+  with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+    return subprocess.Popen([sys.executable, CHILD, str(workdir)], env=env, stdout=out,
+                            stderr=err), log
 
 
 def _finish(procs: dict) -> list[dict]:
-  """Waits for every process (killing all at the timeout); on any failure, fails with the
-  stderr of each of them."""
+  """Waits for every process. Once one fails, or at the timeout, stops the others (they
+  would wait for it in a collective) and fails with the stderr of each."""
+  deadline = time.monotonic() + TIMEOUT_S
+  while (any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline
+         and not any(p.returncode for p, _ in procs.values())):
+    time.sleep(0.5)
+  for p, _ in procs.values():
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  if any(p.returncode != 0 for p, _ in procs.values()):
+    tails = []
+    for name, (p, log) in procs.items():
+      with open(log + ".err") as f:
+        tails.append(f"--- {name} (exit {p.returncode}) stderr:\n{f.read()[-6000:]}")
+    pytest.fail(f"a pipeline process failed, or the run took over {TIMEOUT_S} s:\n"
+                + "\n".join(tails))
   outs = []
-  for p in procs.values():
-    try:
-      outs.append(p.communicate(timeout=TIMEOUT_S))
-    except subprocess.TimeoutExpired:
-      for q in procs.values():
-        q.kill()
-      outs.append(p.communicate())
-  if any(p.returncode != 0 for p in procs.values()):
-    logs = "\n".join(f"--- {name} (exit {p.returncode}) stderr:\n{err[-6000:]}"
-                     for (name, p), (_, err) in zip(procs.items(), outs))
-    pytest.fail(f"a pipeline process failed or timed out after {TIMEOUT_S} s:\n{logs}")
-  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  for _, log in procs.values():
+    with open(log + ".out") as f:
+      outs.append(json.loads(f.read().strip().splitlines()[-1]))
+  return outs
 
 
 def _stable(report: dict) -> dict:
@@ -78,8 +91,9 @@ def _orbax_internal(path: str) -> bool:
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   port = _free_port()
-  procs = {f"process {i} of 2": _start(tmp_path / "multi", 2, i, 2, port) for i in range(2)}
-  procs["the single process"] = _start(tmp_path / "single", 4)
+  procs = {f"process {i} of 2": _start(tmp_path, f"process {i} of 2", tmp_path / "multi", 2, i,
+                                      2, port) for i in range(2)}
+  procs["the single process"] = _start(tmp_path, "single", tmp_path / "single", 4)
   multi = _finish(procs)
   assert [(m["process"], m["processes"], m["devices"]) for m in multi] == [
       (0, 2, 4), (1, 2, 4), (0, 1, 4)]

@@ -208,7 +208,7 @@ def tfds_source(data_dir: str, split: str = "validation", *, manual_dir: Optiona
     lo, hi = start + lo, start + min(hi, end - start)
     if lo >= hi:
       return
-    for data, label in tfds.as_numpy(dataset(lo, hi)[1]):
+    for data, label in tfds.as_numpy(dataset(lo, hi)[1].take(hi - lo)):
       yield data, int(label)
 
   return Source(f"tfds {TFDS_NAME} {spec} in {data_dir}", max(end - start, 0), items, _open_bytes)
