@@ -13,16 +13,17 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-
 import main_child  # noqa: E402  pylint: disable=wrong-import-position
-from spdfq_jax import checkpoint, main, parallel  # noqa: E402  pylint: disable=wrong-import-position
+from spdfq_jax import (  # noqa: E402  pylint: disable=wrong-import-position
+    checkpoint, main, parallel)
 
 WRITE_EVENTS = ("os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move")
 
@@ -85,5 +86,5 @@ if __name__ == "__main__":
   main.run(c, workdir, stages)
   round_trip = checkpoint_round_trip(os.path.join(workdir, "round_trip"))
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                    "devices": jax.device_count(), "writes": sorted(set(writes)), "exports": exports,
-                    "round_trip": round_trip}))
+                    "devices": jax.device_count(), "writes": sorted(set(writes)),
+                    "exports": exports, "round_trip": round_trip}))
