@@ -15,7 +15,7 @@ from spdfq_jax import evaluate, main, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, "tests", "multiprocess_child.py")
-TIMEOUT_S = 600  # a hang (a process stuck in a collective) fails; a busy machine does not
+TIMEOUT_S = 900  # a hang (a process stuck in a collective) fails; a busy machine does not
 # What may differ between two runs of the same config: where, when and on what they ran.
 VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
             "load_seconds", "fp_eval_seconds", "machine", "command")
