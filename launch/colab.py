@@ -34,8 +34,8 @@ images = synth.generate(module, params, scfg, workdir="colab_work/synthetic").im
 qcfg = quant.default_config(4, 4)
 qmodel = quant.quantize(module, params, images, qcfg, workdir="colab_work/quant")
 fp = evaluate.evaluate(lambda x: module.apply({"params": params}, x),
-                       fashion_mnist.batches(test_x, test_y, 1000), 1000)
-q = evaluate.evaluate(qmodel.logits, fashion_mnist.batches(test_x, test_y, 1000), 1000)
+                       evaluate.batches_from_arrays(test_x, test_y, 1000), 1000)
+q = evaluate.evaluate(qmodel.logits, evaluate.batches_from_arrays(test_x, test_y, 1000), 1000)
 print(f"FP top-1 {fp['top1']:.2f}   SPDFQ W4A4 top-1 {q['top1']:.2f}")
 
 # %% [markdown]

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# A Cloud TPU pod slice: the same command on every host; jax.distributed.initialize() joins
-# them (spdfq_jax.parallel.maybe_initialize_distributed, switched on by SPDFQ_DISTRIBUTED=1)
-# and the batch is split over every chip of every host.
+# A Cloud TPU pod slice: the same command on every host. SPDFQ_DISTRIBUTED=1 makes
+# spdfq_jax.parallel.maybe_initialize_distributed() call jax.distributed.initialize(), which
+# on a TPU VM finds the coordinator and each host's process id by itself.
 #   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/vit_base.py:w4a4 \
 #       --workdir=/mnt/shared/workdirs/vitb_w4a4 --config.data.dir=/mnt/shared/imagenet
-# Needs the repository, the checkpoint and ImageNet on every host at the same paths, and a
-# workdir on a file system all hosts share (NFS, Filestore, gcsfuse): host 0 writes the
-# reports, every host reads the stage outputs.
+# Every host needs the repository, the checkpoint and ImageNet at the same paths, and the
+# workdir on a file system all hosts share (NFS, Filestore, gcsfuse): host 0 alone writes
+# the reports, synthetic sets, PNGs and exports (the others wait for it), every host writes
+# its part of the Orbax checkpoints and reads only its own share of the validation set.
+# Elsewhere (GPU hosts without SLURM or Open MPI) run the same command on each host with
+# JAX_COORDINATOR_ADDRESS=<host 0>:<port>, SPDFQ_NUM_PROCESSES and SPDFQ_PROCESS_ID set
+# (README.md, "Several hosts").
 set -euo pipefail
 TPU=${TPU:?set TPU to the TPU VM name}; ZONE=${ZONE:?set ZONE}
 CONFIG=${1:?usage: TPU=... ZONE=... launch/tpu_pod.sh CONFIG[:ARG] [flags...]}; shift

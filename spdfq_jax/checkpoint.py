@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from spdfq_jax import parallel
+
 
 def manager(directory: str, max_to_keep: int = 1) -> ocp.CheckpointManager:
   """A checkpoint manager for one loop's directory (created if missing)."""
@@ -20,8 +22,9 @@ def manager(directory: str, max_to_keep: int = 1) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves `state` at `step` and waits, so a kill right after loses nothing saved."""
-  mgr.save(step, args=ocp.args.StandardSave(state))
+  """Saves `state` at `step` and waits, so a kill right after loses nothing saved. In a
+  multi-process run every process calls this with the same (global or host-local) state."""
+  mgr.save(step, args=ocp.args.StandardSave(parallel.as_global(state)))
   mgr.wait_until_finished()
 
 
@@ -30,4 +33,5 @@ def restore_latest(mgr: ocp.CheckpointManager, like: Any) -> Optional[tuple[int,
   step = mgr.latest_step()
   if step is None:
     return None
-  return step, mgr.restore(step, args=ocp.args.StandardRestore(like))
+  state = mgr.restore(step, args=ocp.args.StandardRestore(parallel.as_global(like)))
+  return step, parallel.as_local(state, like)

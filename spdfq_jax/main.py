@@ -355,7 +355,10 @@ class Data:
     return self._source
 
   def eval_batches(self) -> tuple[Iterator[tuple[np.ndarray, np.ndarray]], int]:
+    """(this process's share of the evaluation set in batches, size of the whole set)."""
     c = self.config
+    rows = evaluate.process_batch_size(c.eval.batch_size)
+    share = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     if c.data.name in data_lib.TEST_BEDS:
       if self._test_bed_test is None:
         self._test_bed_test = data_lib.test_bed(c.data.name).load(
@@ -363,11 +366,11 @@ class Data:
       x, y = self._test_bed_test
       if self.limit:
         x, y = x[:self.limit], y[:self.limit]
-      return evaluate.batches_from_arrays(x, y, c.eval.batch_size), len(x)
+      return evaluate.batches_from_arrays(x, y, rows, **share), len(x)
     if c.data.name == "imagenet":
       from spdfq_jax.data import imagenet  # pylint: disable=g-import-not-at-top
       src = self.eval_source()
-      return imagenet.batches(src, self.pre, c.eval.batch_size, workers=c.data.workers), len(src)
+      return imagenet.batches(src, self.pre, rows, workers=c.data.workers, **share), len(src)
     raise ValueError(f"data.name must be imagenet, fashion_mnist or scenes, got {c.data.name!r}")
 
   def real_images(self, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -414,12 +417,17 @@ def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collection
     flatten_synth_dir(directory)
     return np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {})
   images, labels = data.real_images(config.num_images, config.seed)
+  parallel.on_primary(f"real set: {directory}", _save_set, directory, images, labels, pre)
+  return images, {}
+
+
+def _save_set(directory: str, images: np.ndarray, labels: np.ndarray,
+              pre: zoo.Preprocessing) -> None:
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, "result.tmp.npz")
   np.savez(tmp, images=images, classes=labels)
   os.replace(tmp, os.path.join(directory, SET_FILE))
   _save_grid(directory, images, pre)
-  return images, {}
 
 
 def read_set(directory: str) -> Optional[tuple[np.ndarray, dict]]:
@@ -436,24 +444,23 @@ def flatten_synth_dir(directory: str) -> None:
   """Moves a finished synthesis out of generate()'s subdirectory into `directory`.
 
   The result file moves last, so a kill midway leaves it inside and the next run finishes
-  the move. Every process of a multi-host run tries (on a shared disk the first one to
-  get there moves a file, the others find it gone); none starts before all have finished.
+  the move. In a multi-process run process 0 moves them once every process is done with
+  the synthesis, and the others wait.
   """
+  parallel.barrier(f"synthesis done: {directory}")
+  parallel.on_primary(f"synthesis moved: {directory}", _move_up, directory)
+
+
+def _move_up(directory: str) -> None:
   from spdfq_jax.synth.generate import SUBDIR  # pylint: disable=g-import-not-at-top
   inner = os.path.join(directory, SUBDIR)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"synthesis done: {directory}")
   if not os.path.exists(os.path.join(inner, SET_FILE)):
     return
   for name in sorted(os.listdir(inner), key=lambda n: n == SET_FILE):
     src, dst = os.path.join(inner, name), os.path.join(directory, name)
-    try:
-      if os.path.isdir(dst) and not os.path.islink(dst):
-        shutil.rmtree(dst)
-      os.replace(src, dst)
-    except FileNotFoundError:
-      pass  # moved by another process
+    if os.path.isdir(dst) and not os.path.islink(dst):
+      shutil.rmtree(dst)
+    os.replace(src, dst)
   with contextlib.suppress(OSError):
     os.rmdir(inner)
 
@@ -609,8 +616,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
       command=" ".join(sys.argv), config=config.to_dict())
   out["device_kind"] = out["machine"]["device_kind"]
   out["device_count"] = out["machine"]["device_count"]
-  if jax.process_index() == 0:
-    report.write(workdir, out)
+  parallel.on_primary(f"report: {workdir}", report.write, workdir, out)
   return out
 
 

@@ -1,6 +1,7 @@
 """ImageNet data: exact eval transform, image-folder and TFDS sources, masked last batch."""
 import math
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,13 +55,19 @@ def test_folder_source_and_masked_last_batch(tmp_path):
   pre = zoo.entry("vit_small_patch16_224").preprocessing
   src = imagenet.source(str(tmp_path), "validation")
   assert len(src) == 7
-  labels = [y for _, y in src.items()]
+  labels = [y for _, y in src.items(0, len(src))]
   assert labels == [0, 0, 0, 1, 1, 2, 2]
   batches = list(imagenet.batches(src, pre, 4, workers=2))
   assert [b[0].shape for b in batches] == [(4, 224, 224, 3), (3, 224, 224, 3)]
   result = evaluate.evaluate(_colour_logits, imagenet.batches(src, pre, 4), 4, total=len(src))
   assert result["count"] == 7  # padding of the last batch is masked out
   assert result["top1"] == pytest.approx(100.0)
+  # Each of 3 processes reads its own contiguous share; together, the set once, in order.
+  shares = [list(imagenet.batches(src, pre, 2, workers=2, process_index=i, process_count=3))
+            for i in range(3)]
+  assert [[len(y) for _, y in share] for share in shares] == [[2, 1], [2], [2]]
+  np.testing.assert_array_equal(np.concatenate([x for share in shares for x, _ in share]),
+                                np.concatenate([x for x, _ in batches]))
   # The folder itself may be the split directory.
   assert len(imagenet.source(str(tmp_path / "val"))) == 7
   assert len(imagenet.source(str(tmp_path), limit=5)) == 5
@@ -70,12 +77,16 @@ def test_wnid_subset_keeps_imagenet_labels(tmp_path):
   os.makedirs(tmp_path / "val" / "n15075141")
   Image.new("RGB", (8, 8)).save(tmp_path / "val" / "n15075141" / "a.JPEG")
   src = imagenet.source(str(tmp_path))
-  assert [y for _, y in src.items()] == [999]
+  assert [y for _, y in src.items(0, len(src))] == [999]
 
 
-def test_tfds_mock(tmp_path):
+def test_tfds_mock(tmp_path, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   pre = zoo.entry("deit_tiny_patch16_224").preprocessing
+  # The mock generates 7 examples per split but records no split sizes (a prepared
+  # dataset does), and ignores slices: give it the sizes; shares are tested on folders.
+  sizes = {s: types.SimpleNamespace(num_examples=7, num_bytes=0) for s in ("validation", "train")}
+  monkeypatch.setattr(tfds.core.DatasetInfo, "splits", property(lambda self: sizes))
   with tfds.testing.mock_data(num_examples=7):
     src = imagenet.source(str(tmp_path), "validation", kind="tfds")
     result = evaluate.evaluate(lambda x: jnp.zeros((x.shape[0], 1000)).at[:, 3].set(1.0),

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from spdfq_jax import parallel
 from spdfq_jax.models import zoo
 
 TFDS_NAME = "imagenet2012"
@@ -72,10 +73,11 @@ def transform(image: Image.Image, pre: zoo.Preprocessing) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A split as lazily loaded examples: `items()` yields (raw, label), `decode(raw)` -> PIL."""
+  """A split as lazily loaded examples: `items(start, stop)` yields (raw, label) of examples
+  [start, stop) and reads no others, `decode(raw)` -> PIL."""
   description: str
   num_examples: int
-  items: Callable[[], Iterable[tuple[Any, int]]]
+  items: Callable[[int, int], Iterable[tuple[Any, int]]]
   decode: Callable[[Any], Image.Image]
   num_classes: int = NUM_CLASSES  # size of the label space the labels index
 
@@ -151,8 +153,8 @@ def folder_source(split_dir: str) -> Source:
     examples += [(os.path.join(split_dir, cls, f), label) for f in files]
   if not examples:
     raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
-  return Source(f"folder {split_dir}", len(examples), lambda: iter(examples), _open_file,
-                num_classes)
+  return Source(f"folder {split_dir}", len(examples),
+                lambda start, stop: iter(examples[start:stop]), _open_file, num_classes)
 
 
 def _open_file(path: str) -> Image.Image:
@@ -189,18 +191,24 @@ def tfds_source(data_dir: str, split: str = "validation", *, manual_dir: Optiona
   except KeyError:
     available = 0
   end = available if limit is None else min(available, start + limit)
-  spec = split if (start, end) == (0, available) else f"{split}[{start}:{end}]"
-  try:
-    ds = builder.as_dataset(split=spec, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-  except (AssertionError, FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(_missing_message(data_dir, split)) from e
-  if limit is not None:
-    ds = ds.take(limit)
-  ds = ds.map(lambda ex: (ex["image"], ex["label"]))
 
-  def items():
-    for data, label in tfds.as_numpy(ds):
+  def dataset(lo: int, hi: int):
+    """Examples [lo, hi) of the split: TFDS reads only the files that hold them."""
+    spec = split if (lo, hi) == (0, available) else f"{split}[{lo}:{hi}]"
+    try:
+      ds = builder.as_dataset(split=spec, shuffle_files=False,
+                              decoders={"image": tfds.decode.SkipDecoding()})
+    except (AssertionError, FileNotFoundError, ValueError) as e:
+      raise FileNotFoundError(_missing_message(data_dir, split)) from e
+    return spec, ds.map(lambda ex: (ex["image"], ex["label"]))
+
+  spec, _ = dataset(start, end)  # a split that is not there fails here, not at the first batch
+
+  def items(lo, hi):
+    lo, hi = start + lo, start + min(hi, end - start)
+    if lo >= hi:
+      return
+    for data, label in tfds.as_numpy(dataset(lo, hi)[1].take(hi - lo)):
       yield data, int(label)
 
   return Source(f"tfds {TFDS_NAME} {spec} in {data_dir}", max(end - start, 0), items, _open_bytes)
@@ -254,10 +262,9 @@ def check_train(data_dir: str, *, kind: str = "auto", manual_dir: Optional[str] 
 
 
 def _take(src: Source, limit: int) -> Source:
-  import itertools  # pylint: disable=g-import-not-at-top
   n = min(limit, src.num_examples)
   return dataclasses.replace(src, num_examples=n,
-                             items=lambda: itertools.islice(src.items(), n))
+                             items=lambda start, stop: src.items(start, min(stop, n)))
 
 
 # ----------------------------------------------------------------------------- batching
@@ -275,18 +282,22 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def batches(src: Source, pre: zoo.Preprocessing, batch_size: int, *, workers: int = 8,
-            prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            prefetch: int = 2, process_index: int = 0, process_count: int = 1
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(float32 NHWC images, int32 labels) batches in source order; the last may be short.
 
-  Decoding and resizing run on a thread pool (PIL releases the GIL), `prefetch` batches
-  ahead, so memory stays at a few batches whatever the split size.
+  With several processes, yields only process `process_index`'s contiguous share of the
+  source (`parallel.process_rows`) and reads no other example. Decoding and resizing run
+  on a thread pool (PIL releases the GIL), `prefetch` batches ahead, so memory stays at a
+  few batches whatever the split size.
   """
+  start, stop = parallel.process_rows(src.num_examples, process_index, process_count)
   def load(raw):
     return transform(src.decode(raw), pre)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     pending: collections.deque = collections.deque()
-    for chunk in _chunks(src.items(), batch_size):
+    for chunk in _chunks(src.items(start, stop), batch_size):
       pending.append(([pool.submit(load, raw) for raw, _ in chunk], [y for _, y in chunk]))
       if len(pending) > prefetch:
         yield _collect(*pending.popleft())
@@ -324,11 +335,12 @@ def calibration_images(data_dir: str, pre: zoo.Preprocessing, num: int, seed: in
             if kind in ("auto", "folder") and os.path.isdir(data_dir or "") else None)
   if folder is not None:
     src = folder_source(folder)
-    examples = list(src.items())
+    examples = list(src.items(0, src.num_examples))
     if len(examples) < num:
       raise ValueError(f"{folder} has {len(examples)} images, fewer than the {num} asked for")
     chosen = [examples[i] for i in sorted(rng.choice(len(examples), num, replace=False))]
-    src = dataclasses.replace(src, num_examples=num, items=lambda: iter(chosen))
+    src = dataclasses.replace(src, num_examples=num,
+                              items=lambda start, stop: iter(chosen[start:stop]))
   elif kind == "folder":
     raise FileNotFoundError(_missing_message(data_dir, "train"))
   else:

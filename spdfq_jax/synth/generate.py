@@ -416,8 +416,14 @@ def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{directory} holds a synthesis run with another config; "
                        "use a fresh workdir or delete that directory.")
   else:
-    with open(path, "w") as f:
-      f.write(_config_json(cfg))
+    parallel.barrier(f"synthesis config checked: {directory}")  # every process read it first
+    parallel.on_primary(f"synthesis config written: {directory}", _write_text, path,
+                        _config_json(cfg))
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w") as f:
+    f.write(text)
 
 
 def _finite_or_raise(step: int, terms: dict[str, float]) -> None:
@@ -464,10 +470,16 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
                              directory=directory, progress=progress, callback=callback)
   result.diagnostics = diagnostics(module, params, cfg, info, result)
   if directory is not None:
-    save_result(directory, result, cfg)
-    from spdfq_jax.synth import plots  # PIL only when writing files
-    plots.save_figures(directory, module, params, result, cfg, info)
+    parallel.on_primary(f"synthesis saved: {directory}", _save_files, directory, module, params,
+                        result, cfg, info)
   return result
+
+
+def _save_files(directory: str, module, params: Any, result: SynthResult,
+                cfg: ml_collections.ConfigDict, info: ModelInfo) -> None:
+  save_result(directory, result, cfg)
+  from spdfq_jax.synth import plots  # PIL only when writing files
+  plots.save_figures(directory, module, params, result, cfg, info)
 
 
 def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
@@ -528,12 +540,10 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       if callback is not None:
         callback(s, {**terms, **stats})
       if mgr is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < total:
-        g = jax.device_get
-        checkpoint.save(mgr, s + 1, {
-            "images": np.asarray(g(x))[:n], "mu": np.asarray(g(opt_state.mu))[:n],
-            "nu": np.asarray(g(opt_state.nu))[:n],
-            "count": np.asarray(g(opt_state.count), np.int32), "step": np.asarray(s + 1, np.int32)})
+        checkpoint.save(mgr, s + 1, {  # global arrays: every process writes its own rows
+            "images": x[:n], "mu": opt_state.mu[:n], "nu": opt_state.nu[:n],
+            "count": opt_state.count, "step": np.asarray(s + 1, np.int32)})
   finally:
     if bar is not None:
       bar.close()
-  return np.asarray(jax.device_get(x))[:n].astype(np.float32)
+  return parallel.to_host(x)[:n].astype(np.float32)
