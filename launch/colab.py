@@ -35,7 +35,7 @@ if not os.path.isdir(fashion_mnist.DEFAULT_DIR):  # the four IDX files, from the
 
 import jax
 
-print(jax.devices())
+print(jax.devices())  # Colab's GPU and TPU runtimes ship a matching jax build
 
 # %% [markdown]
 # ## The demo config, with small iteration counts
