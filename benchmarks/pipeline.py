@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
