@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,10 +82,10 @@ def _time_pair(a, a_args, b, b_args, iters: int) -> tuple[float, float]:
   return min(ta), min(tb)
 
 
-def time_method(module, params, shape, method: str, iters: int) -> tuple[float, float]:
-  """(step seconds, bare forward+backward seconds) for one method at batch 32."""
-  cfg = synth.default_config(method.replace("_nomsr", ""))
-  cfg.update(mean=(0.5,), std=(0.5,), msr=cfg.msr and not method.endswith("_nomsr"))
+def step_inputs(module, params, cfg) -> tuple[Callable, tuple]:
+  """`generate`'s jitted synthesis step for `cfg` (without buffer donation, so it can be
+  called again on the same arguments) and the arguments of one call, at step 5 of the plan
+  (its last step when shorter)."""
   info = G.model_info(module, params, cfg)
   blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
   labels = G.draw_labels(cfg, info)
@@ -99,7 +100,16 @@ def time_method(module, params, shape, method: str, iters: int) -> tuple[float, 
                                  jnp.zeros_like(x), jnp.zeros_like(x))
   step = G.make_step(module, cfg, info, blocks, mesh)
   step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
-  args = (params, x, state, fixed, G.make_plan(cfg, info).row(5))
+  plan = G.make_plan(cfg, info)
+  return step, (params, x, state, fixed, plan.row(min(5, len(plan.lr) - 1)))
+
+
+def time_method(module, params, shape, method: str, iters: int) -> tuple[float, float]:
+  """(step seconds, bare forward+backward seconds) for one method at batch 32."""
+  cfg = synth.default_config(method.replace("_nomsr", ""))
+  cfg.update(mean=(0.5,), std=(0.5,), msr=cfg.msr and not method.endswith("_nomsr"))
+  step, args = step_inputs(module, params, cfg)
+  x = args[1]
   r = cfg.msr_grid ** 2 if cfg.msr else 0
 
   @jax.jit

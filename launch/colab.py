@@ -1,51 +1,98 @@
 # %% [markdown]
-# # spdfq_jax on Colab (GPU or TPU runtime)
-# Open as a notebook (Colab: File > Upload notebook, or jupytext --to ipynb launch/colab.py),
-# or paste the cells. The first cell installs the package; the rest use the Python API,
-# the same stage functions `python -m spdfq_jax.main` wires together.
+# # spdfq_jax on Colab
+# Data-free W4A4 quantization of the built-in Fashion-MNIST ViT with SPDFQ: calibration
+# images synthesised from the model alone, quantization with block-wise reconstruction,
+# evaluation, and the figures. Any runtime works (CPU, GPU or TPU); the iteration counts
+# below are cut so that the whole notebook takes a minute or two.
+#
+# This notebook is generated from `launch/colab.py` (`python launch/make_notebook.py`).
 
 # %%
-# !git clone https://github.com/<you>/spdfq_jax && cd spdfq_jax && pip install -q -e .
-# On a TPU runtime add: pip install -q "jax[tpu]"; on a GPU runtime: pip install -q "jax[cuda12]"
-import jax
-print(jax.devices())
+# Installs the package, only where it is not importable yet (a fresh Colab runtime).
+import importlib.util
+import os
+import subprocess
+import sys
 
-# %% [markdown]
-# ## The demo on the built-in Fashion-MNIST ViT (a few minutes)
-# Fashion-MNIST: `apt-get install dataset-fashion-mnist`, or copy the four IDX .gz files
-# somewhere and set `data_dir` below.
+REPO_URL = ""  # this repository's git URL, e.g. https://github.com/ORG/spdfq_jax
 
-# %%
-import numpy as np
+if importlib.util.find_spec("spdfq_jax") is None:
+  if not REPO_URL:
+    raise RuntimeError("spdfq_jax is not installed: set REPO_URL in this cell to the "
+                       "repository's git URL (or upload the repository and run "
+                       "`pip install -e .` in it), then run the cell again.")
+  subprocess.run(["git", "clone", "-q", REPO_URL, "spdfq_jax"], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "spdfq_jax"], check=True)
+  os.chdir("spdfq_jax")  # the configs/ directory is imported from here
+  sys.path.insert(0, os.getcwd())
+  importlib.invalidate_caches()
 
-from spdfq_jax import evaluate, models, quant, synth
 from spdfq_jax.data import fashion_mnist
 
-data_dir = None  # None: /usr/share/datasets/fashion-mnist
-module, params = models.load("fmnist_vit")  # built-in asset, no path needed
-pre = fashion_mnist.preprocessing()
-test_x, test_y = fashion_mnist.load("test", data_dir)
+if not os.path.isdir(fashion_mnist.DEFAULT_DIR):  # the four IDX files, from the distribution
+  subprocess.run(["apt-get", "update", "-qq"], check=True)
+  subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
 
-scfg = synth.default_config("spdfq")
-scfg.mean, scfg.std = pre.mean, pre.std
-scfg.iterations, scfg.warmup = 400, 40
-images = synth.generate(module, params, scfg, workdir="colab_work/synthetic").images
+import jax
 
-qcfg = quant.default_config(4, 4)
-qmodel = quant.quantize(module, params, images, qcfg, workdir="colab_work/quant")
-fp = evaluate.evaluate(lambda x: module.apply({"params": params}, x),
-                       evaluate.batches_from_arrays(test_x, test_y, 1000), 1000)
-q = evaluate.evaluate(qmodel.logits, evaluate.batches_from_arrays(test_x, test_y, 1000), 1000)
-print(f"FP top-1 {fp['top1']:.2f}   SPDFQ W4A4 top-1 {q['top1']:.2f}")
+print(jax.devices())  # Colab's GPU and TPU runtimes ship a matching jax build
+
+# %% [markdown]
+# ## The demo config, with small iteration counts
+# `configs/fmnist_w4a4.py` is what `./run demo` runs: 32 images, 100 synthesis steps,
+# 100 reconstruction iterations per block, the 10,000 test images (a few minutes on a
+# laptop CPU). Here it is cut to 8 images, 20 steps, 10 iterations and 1,000 test images;
+# delete the overrides for the full demo. `main.run` is the same function as
+# `python -m spdfq_jax.main`: it writes the workdir and returns the report.
+
+# %%
+from configs import fmnist_w4a4
+from spdfq_jax import main
+
+WORKDIR = "colab_work"
+
+config = fmnist_w4a4.get_config()
+config.num_images = 8
+config.synth.iterations, config.synth.warmup = 20, 2
+config.quant.recon.iters = 10
+config.eval.limit = 1000
+out = main.run(config, WORKDIR, reuse_workdir=True)
+row = out["rows"][0]
+print(f"FP top-1 {row['fp_top1']:.2f}, SPDFQ W4A4 top-1 {row['quant_top1']:.2f} "
+      f"({row['eval_count']} test images)")
+
+# %% [markdown]
+# ## The synthetic calibration images
+
+# %%
+from IPython.display import Image, Markdown, display
+
+display(Image(filename=os.path.join(row["synth_dir"], "grid.png")))
+
+# %% [markdown]
+# ## Attention priors against the attention the images achieve
+# One row per image: the image, then for each of three heads of the last APA block the
+# prior the image was given and the attention it achieves, with their correlation r.
+
+# %%
+display(Image(filename=os.path.join(row["synth_dir"], "attention.png")))
+
+# %% [markdown]
+# ## The report
+
+# %%
+from spdfq_jax import report
+
+display(Markdown(report.markdown(out)))
 
 # %% [markdown]
 # ## A paper setting on ImageNet
-# Put the timm weights and the validation set on the runtime (or mount Drive), then run
-# the same entry point as on a workstation. Synthesis and reconstruction checkpoint into
-# the workdir, so a disconnected runtime resumes where it stopped.
-
-# %%
-# !huggingface-cli download timm/vit_base_patch16_224.augreg_in21k_ft_in1k \
-#     --local-dir checkpoints/vit_base_patch16_224.augreg_in21k_ft_in1k
-# !python -m spdfq_jax.main --config=configs/vitb_w4a4.py \
-#     --config.data.dir=/content/drive/MyDrive/imagenet --workdir=/content/drive/MyDrive/work/vitb
+# Put the timm weights and the validation set on the runtime (or mount Drive), then run the
+# same entry point as on a workstation, in a terminal or a cell starting with `!`.
+# Synthesis and reconstruction checkpoint into the workdir, so a disconnected runtime
+# resumes where it stopped:
+#
+#     huggingface-cli download timm/vit_base_patch16_224.augreg_in21k_ft_in1k \
+#         --local-dir checkpoints/vit_base_patch16_224.augreg_in21k_ft_in1k
+#     python -m spdfq_jax.main --config=configs/vitb_w4a4.py \
+#         --config.data.dir=/content/drive/MyDrive/imagenet --workdir=/content/drive/MyDrive/work/vitb

@@ -1,8 +1,10 @@
 """`quantize`: the quantization stage end to end (calibrate -> reparam -> reconstruct)."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -16,6 +18,13 @@ from spdfq_jax.quant.reconstruct import reconstruct
 from spdfq_jax.quant.reparam import reparameterize
 
 
+@contextlib.contextmanager
+def _timed(timings: dict, stage: str) -> Iterator[None]:
+  t = time.perf_counter()
+  yield
+  timings[stage] = round(time.perf_counter() - t, 3)
+
+
 def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
              cfg: Optional[ml_collections.ConfigDict] = None, workdir: Optional[str] = None,
              progress: bool = True) -> qmodel.QuantizedModel:
@@ -24,20 +33,25 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
   Runs calibrate -> (reparameterize) -> weight ranges -> (reconstruct) as `cfg` says
   (default: `default_config(4, 4)`, the full stage). With a workdir, reconstruction
   resumes from its last finished unit. The per-unit reconstruction losses are kept in
-  `qmodel.info['recon']`.
+  `qmodel.info['recon']`, the seconds each stage took in `qmodel.timings`.
   """
   cfg = cfg if cfg is not None else qconfig.default_config()
   qconfig.validate(cfg)
   params = jax.tree_util.tree_map(np.asarray, params)
-  qstate = calibrate(module, params, calib_images, cfg)
+  timings: dict[str, float] = {}
+  with _timed(timings, "calibrate"):
+    qstate = calibrate(module, params, calib_images, cfg)
   if cfg.reparam:
-    params, qstate = reparameterize(params, qstate, cfg)
+    with _timed(timings, "reparameterize"):
+      params, qstate = reparameterize(params, qstate, cfg)
   wstate = qmodel.weight_state(params, cfg)
   log = []
   if cfg.recon.iters > 0:
-    params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
-                              workdir=os.path.join(workdir, "recon") if workdir else None,
-                              progress=progress)
+    with _timed(timings, "reconstruct"):
+      params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
+                                workdir=os.path.join(workdir, "recon") if workdir else None,
+                                progress=progress)
   qm = qmodel.build(module, params, qstate, wstate, cfg)
   qm.info["recon"] = log
+  qm.timings = timings
   return qm

@@ -229,6 +229,7 @@ class QuantizedModel:
   variables: dict
   cfg: ml_collections.ConfigDict
   info: dict = dataclasses.field(default_factory=dict)
+  timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage of `quantize`
 
   def logits(self, images: jax.Array, variables: Optional[dict] = None) -> jax.Array:
     return apply_jit(self.module, self.variables if variables is None else variables, images)
