@@ -36,11 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
+import step_util  # noqa: E402
 from configs import fmnist_w4a4  # noqa: E402
-from spdfq_jax import parallel, synth  # noqa: E402
+from spdfq_jax import synth  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
@@ -81,21 +81,8 @@ def time_method(module, params, shape, method: str, iters: int) -> tuple[float, 
   """(step seconds, bare forward+backward seconds) for one method at batch 32."""
   cfg = synth.default_config(method.replace("_nomsr", ""))
   cfg.update(mean=(0.5,), std=(0.5,), msr=cfg.msr and not method.endswith("_nomsr"))
-  info = G.model_info(module, params, cfg)
-  blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
-  labels = G.draw_labels(cfg, info)
-  pri = G.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
-  mesh = parallel.data_mesh()
-  n = cfg.num_images
-  fixed = parallel.shard_batch({"index": np.arange(n, dtype=np.int32),
-                                "mask": np.ones(n, np.float32), "targets": labels["targets"],
-                                "region_targets": labels["region_targets"], "priors": pri}, mesh)
-  x = parallel.shard_batch(G.initial_images(cfg, info), mesh)
-  state = optax.ScaleByAdamState(jax.device_put(np.int32(0), parallel.replicated(mesh)),
-                                 jnp.zeros_like(x), jnp.zeros_like(x))
-  step = G.make_step(module, cfg, info, blocks, mesh)
-  step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
-  args = (params, x, state, fixed, G.make_plan(cfg, info).row(5))
+  step, args = step_util.synth_step(module, params, cfg, donate=False)
+  x = args[1]
   r = cfg.msr_grid ** 2 if cfg.msr else 0
 
   @jax.jit
