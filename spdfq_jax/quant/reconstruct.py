@@ -103,11 +103,13 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
   """
   r = cfg.recon
   chunk = cfg.calib.chunk_size
+  frozen = ml_collections.FrozenConfigDict(cfg)
   qmod = qmodel.quant_module(module, cfg)
   units = zoo.units(module)
-  teacher = params
-  student = jax.tree_util.tree_map(jnp.asarray, params)
-  x_fp = x_q = jnp.asarray(images, jnp.float32)
+  # Everything the steps read goes to the device once, here.
+  teacher, qstate, wstate = jax.device_put((params, qstate, wstate))
+  student = teacher
+  x_fp = x_q = jax.device_put(np.asarray(images, np.float32))
   start = 0
   mgr = checkpoint.manager(workdir) if workdir else None
   if mgr is not None:
@@ -125,7 +127,7 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
         raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
       log.append(entry)
     if i + 1 < len(units) or mgr is not None:
-      qvars = {"params": qmodel.quantize_weights(student, wstate, cfg), "quant": qstate}
+      qvars = {"params": _quantize_weights(frozen, student, wstate), "quant": qstate}
       x_q = run_unit(qmod, qvars, name, x_q, chunk)
     x_fp = y_fp
     if mgr is not None and i >= start:
@@ -175,15 +177,35 @@ def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trai
   return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def step_keys(key: jax.Array, iters: int) -> jax.Array:
-  """(iters, ...) the key of every step, fold_in(key, step), made on the device at once."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(iters))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def step_keys(seed: int, index: int, iters: int) -> list[jax.Array]:
+  """The batch key of every step of unit `index`, made on the device at once."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(iters))
+  return [keys[i] for i in range(iters)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _start(cfg: ml_collections.FrozenConfigDict, trainable: dict) -> tuple[dict, Any]:
+  """A copy of the unit's trainable params (the step consumes it; the model's params keep
+  theirs) and its fresh Adam state."""
+  trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+  return trainable, _optimizer(cfg, trainable).init(trainable)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_weights(cfg: ml_collections.FrozenConfigDict, params: dict, wstate: dict) -> dict:
+  return qmodel.quantize_weights(params, wstate, cfg)
 
 
 @jax.jit
 def _stack(losses: list[jax.Array]) -> jax.Array:
   return jnp.stack(losses)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree_util.tree_leaves(tree)]))
 
 
 def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params: dict,
@@ -193,10 +215,8 @@ def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params
   per block), and a non-finite one raises `NonFiniteLoss` with its step."""
   r = cfg.recon
   frozen_cfg = ml_collections.FrozenConfigDict(cfg)
-  # Copies: the step consumes its trainable buffers, and `params` still holds these.
-  trainable = jax.tree_util.tree_map(jnp.copy, {p: get_subtree(params, p) for p in paths})
-  opt_state = _optimizer(frozen_cfg, trainable).init(trainable)
-  keys = step_keys(jax.random.fold_in(jax.random.PRNGKey(r.seed), index), r.iters)
+  trainable, opt_state = _start(frozen_cfg, {p: get_subtree(params, p) for p in paths})
+  keys = step_keys(r.seed, index, r.iters)
   first = last = None
   bar = tqdm(total=r.iters, desc=f"recon {name}", leave=False, disable=not progress)
   for start in range(0, r.iters, r.log_every):
@@ -215,7 +235,7 @@ def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params
     bar.update(len(values))
     bar.set_postfix(loss=f"{last:.4g}")
   bar.close()
-  if not all(bool(jnp.isfinite(v).all()) for v in jax.tree_util.tree_leaves(trainable)):
+  if not jax.device_get(_all_finite(trainable)):
     raise NonFiniteLoss(name, r.iters - 1, float("nan"), r.iters, what="weights")
   for p, sub in trainable.items():
     params = set_subtree(params, p, sub)
