@@ -40,38 +40,44 @@ def _setup(cfg, module):
   return module, params, info, blocks, G.initial_images(cfg, info), fixed, G.make_plan(cfg, info)
 
 
-def _run(cfg, module=None, plan=None, **kw):
+def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
+  """The loop's images on a tiny model. With pytest's `monkeypatch`, (images, reads): the
+  loop alone runs under `jax.transfer_guard('disallow')`, and `reads` has one entry per
+  jax.device_get it made."""
   module, params, info, blocks, x0, fixed, default = _setup(cfg, module or synth_child.tiny_vit())
-  return G.optimise(module, params, cfg, info, blocks, x0, fixed, plan or default,
-                    progress=False, **kw)
+  run = lambda: G.optimise(module, params, cfg, info, blocks, x0, fixed, plan or default,
+                           progress=False, **kw)
+  if monkeypatch is None:
+    return run()
+  reads = []
+  _count_reads(monkeypatch, reads)
+  with jax.transfer_guard("disallow"):
+    return run(), reads
 
 
-def _count_reads(monkeypatch) -> list:
-  """Counts explicit device-to-host reads (jax.device_get): one list entry per call."""
-  calls, real = [], jax.device_get
+def _count_reads(monkeypatch, calls: list) -> None:
+  """Counts explicit device-to-host reads (jax.device_get): one entry in `calls` per call."""
+  real = jax.device_get
   monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
-  return calls
 
 
 def test_synthesis_reads_once_per_block_and_compiles_once(monkeypatch):
-  """7 steps with log_every=3 read the device 3 times ([0,3), [3,6), [6,7)) plus the final
+  """8 steps with log_every=3 read the device 3 times ([0,3), [3,6), [6,8)) plus the final
   images; nothing moves implicitly either way (transfer guard), the step compiles once,
   and images and per-step terms equal those of a run that reads after every step."""
-  cfg = synth_child.tiny_config("spdfq", iterations=7, warmup=2, log_every=3)
+  cfg = synth_child.tiny_config("spdfq", iterations=8, warmup=2, log_every=3)
   steps, made = [], []
   real_make = G.make_step
   monkeypatch.setattr(G, "make_step", lambda *a: made.append(real_make(*a)) or made[-1])
-  reads = _count_reads(monkeypatch)
-  with jax.transfer_guard("disallow"):
-    got = _run(cfg, callback=lambda s, t: steps.append((s, t)))
+  got, reads = _run(cfg, monkeypatch=monkeypatch, callback=lambda s, t: steps.append((s, t)))
   assert len(reads) == 4
   assert made[0]._cache_size() == 1
   monkeypatch.undo()
   ref_steps = []
-  ref = _run(synth_child.tiny_config("spdfq", iterations=7, warmup=2, log_every=1),
+  ref = _run(synth_child.tiny_config("spdfq", iterations=8, warmup=2, log_every=1),
              callback=lambda s, t: ref_steps.append((s, t)))
   np.testing.assert_array_equal(got, ref)
-  assert [s for s, _ in steps] == list(range(7))
+  assert [s for s, _ in steps] == list(range(8))
   assert steps == ref_steps
 
 
@@ -91,7 +97,7 @@ def test_remat_and_microbatches_give_the_same_images(family):
   """SPDFQ (APA, MSR, SL, batch TV) on 5 images: per-block remat, and 2 micro-batches (the
   batch padded to 6, the TV on the whole batch), move the pixels as the plain step does."""
   module = synth_child.tiny_vit() if family == "vit" else _tiny_swin()
-  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=3, warmup=1, **kw)
+  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=4, warmup=1, **kw)
   plain = _run(cfg(), module)
   x0 = _setup(cfg(), module)[4]
   assert np.abs(plain - x0).max() > 0.1  # the step moves pixels by about lr per step
@@ -116,7 +122,7 @@ def test_microbatches_split_psaq_only_with_the_per_image_grid():
   per-image grid the split is exact (to float rounding)."""
   with pytest.raises(ValueError, match="synth.microbatches"):
     _run(synth_child.tiny_config("psaq", iterations=2, microbatches=2))
-  cfg = lambda **kw: synth_child.tiny_config("psaq", iterations=3, warmup=1,
+  cfg = lambda **kw: synth_child.tiny_config("psaq", iterations=4, warmup=1,
                                              entropy_grid="image", **kw)
   np.testing.assert_allclose(_run(cfg(microbatches=2)), _run(cfg()), atol=2e-5)
 
@@ -125,7 +131,7 @@ def test_bfloat16_matmuls_stay_close_to_float32():
   """compute_dtype='bfloat16': images stay float32 and finite; each step's loss terms are
   within 2% of the float32 run's (bfloat16 keeps 8 significant bits), yet not equal
   (the matmuls really ran on bfloat16)."""
-  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=3, warmup=1, **kw)
+  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=4, warmup=1, **kw)
   terms = {}
   for dtype in ("float32", "bfloat16"):
     log = []
@@ -169,7 +175,8 @@ def test_reconstruction_reads_once_per_block_and_compiles_once_per_unit(recon_in
   cfg = cfg.copy_and_resolve_references()
   cfg.recon.log_every = 2
   R._step.clear_cache()
-  reads = _count_reads(monkeypatch)
+  reads = []
+  _count_reads(monkeypatch, reads)
   with jax.transfer_guard("disallow"):
     got, log = R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
   assert len(reads) == 4 * (3 + 1)

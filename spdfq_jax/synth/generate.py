@@ -549,7 +549,8 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   With a workdir the run saves Orbax checkpoints every `cfg.checkpoint_every` steps into
   `workdir/synthetic/`, resumes from the newest one, and writes result.npz, config.json,
   grid.png and attention.png there; a finished run is loaded instead of recomputed.
-  `real_images` feed `cfg.prior='real'`; `callback(step, terms)` runs after every step.
+  `real_images` feed `cfg.prior='real'`; `callback(step, terms)` runs once per step, in
+  order, when the loop reads the device (every `cfg.log_every` steps and at checkpoints).
   """
   directory = None
   if workdir is not None:
