@@ -9,7 +9,7 @@ Each child builds the registry model with random weights at 224 x 224, compiles 
 step, reads XLA's own account of the compiled step (arguments + outputs + temporaries,
 less the donated buffers it reuses) as the estimate, and runs ONE step only when that
 estimate is below --limit-gb; it reports its peak RSS (`ru_maxrss`) after compiling and
-after the step. Prints a markdown table (the ## Memory section of BENCHMARKS.md).
+after the step, and on an accelerator the allocator's peak device memory. Prints a markdown table (the ## Memory section of BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def child(model: str, batch: int, variant: str, limit_gb: float) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(*args))
   out.update(step_s=round(time.perf_counter() - t0, 1), rss_step_gb=round(peak_rss(), 2))
+  stats = jax.devices()[0].memory_stats() or {}  # accelerators: the allocator's peak
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_gb"] = round(stats["peak_bytes_in_use"] / GB, 2)
   return out
 
 
@@ -77,8 +80,8 @@ def main() -> None:
     print("RESULT " + json.dumps(child(a.models, a.batch, a.variants, a.limit_gb)), flush=True)
     return
   print("| model | variant | XLA estimate GB (temp) | peak RSS after compile GB | "
-        "peak RSS after one step GB | step s |")
-  print("|---|---|---|---|---|---|")
+        "peak RSS after one step GB | device peak GB | step s |")
+  print("|---|---|---|---|---|---|---|")
   for model in a.models.split(","):
     for variant in a.variants.split(","):
       cmd = [sys.executable, os.path.abspath(__file__), "--child", "--models", model,
@@ -86,13 +89,13 @@ def main() -> None:
       proc = subprocess.run(cmd, capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if not lines:
-        print(f"| {model} | {variant} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |",
+        print(f"| {model} | {variant} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | | |",
               flush=True)
         continue
       r = json.loads(lines[0][len("RESULT "):])
       step = r.get("rss_step_gb", r.get("skipped"))
       print(f"| {model} | {variant} | {r['xla_gb']} ({r['temp_gb']}) | {r['rss_compiled_gb']} | "
-            f"{step} | {r.get('step_s', '-')} |", flush=True)
+            f"{step} | {r.get('device_peak_gb', '-')} | {r.get('step_s', '-')} |", flush=True)
 
 
 if __name__ == "__main__":

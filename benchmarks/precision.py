@@ -22,14 +22,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import step_util  # noqa: E402
-import synthesis  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 
 def compare(name: str, method: str, batch: int, iters: int) -> tuple[float, float, float]:
   """(float32 s, bfloat16 s, relative difference of the total loss) for one model."""
-  module, shape = synthesis.timing_model(name)
+  module, shape = step_util.timing_model(name)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
   runs = {}
   for dtype in ("float32", "bfloat16"):
@@ -59,7 +58,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--iters", type=int, default=7)
   a = p.parse_args()
-  print(f"Machine: {synthesis.machine()}\n")
+  print(f"Machine: {step_util.machine()}\n")
   print("| model | method | batch | float32 s/step | bfloat16 s/step | speed-up | "
         "total loss rel. diff |")
   print("|---|---|---|---|---|---|---|")

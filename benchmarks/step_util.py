@@ -1,7 +1,10 @@
 """One synthesis step ready to call, for the benchmarks that time or measure it."""
 from __future__ import annotations
 
+import datetime
 import importlib
+import os
+import platform
 from typing import Any, Callable
 
 import jax
@@ -10,8 +13,23 @@ import numpy as np
 import optax
 
 from spdfq_jax import parallel
+from spdfq_jax.models import zoo
 
 G = importlib.import_module("spdfq_jax.synth.generate")
+FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
+
+
+def machine() -> str:
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+def timing_model(name: str):
+  """(module, image shape) with random weights: the Fashion-MNIST ViT or a registry model."""
+  if name == "fmnist_vit":
+    return zoo.custom_vit(**FMNIST_VIT), (32, 32, 1)
+  return zoo.build(name), (224, 224, 3)
 
 
 def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool = True

@@ -21,11 +21,9 @@ Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,26 +39,12 @@ import quant_engine as qe  # noqa: E402
 import step_util  # noqa: E402
 from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
-from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
-FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
-
-
-def machine() -> str:
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{datetime.date.today().isoformat()}")
+from step_util import FMNIST_VIT, machine, timing_model  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def timing_model(name: str):
-  """(module, image shape) with random weights: the Fashion-MNIST ViT or a registry model."""
-  if name == "fmnist_vit":
-    return zoo.custom_vit(**FMNIST_VIT), (32, 32, 1)
-  return zoo.build(name), (224, 224, 3)
 
 
 def _time_pair(a, a_args, b, b_args, iters: int) -> tuple[float, float]:
