@@ -43,7 +43,9 @@ def _setup(cfg, module):
 def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
   """The loop's images on a tiny model. With pytest's `monkeypatch`, (images, reads): the
   loop alone runs under `jax.transfer_guard('disallow')`, and `reads` has one entry per
-  jax.device_get it made."""
+  jax.device_get it made. On the CPU backend the guard stops host-to-device transfers
+  only (an implicit read such as float(array) passes there; on an accelerator it raises),
+  so the reads are counted."""
   module, params, info, blocks, x0, fixed, default = _setup(cfg, module or synth_child.tiny_vit())
   run = lambda: G.optimise(module, params, cfg, info, blocks, x0, fixed, plan or default,
                            progress=False, **kw)
