@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import synthesis as synthesis_bench  # noqa: E402
+import step_util  # noqa: E402
 from configs import vitb_w4a4  # noqa: E402
 from spdfq_jax import main as spdfq_main  # noqa: E402
 from spdfq_jax.data import imagenet  # noqa: E402
@@ -221,7 +221,7 @@ def step_flops(config, module, params) -> tuple[float, float]:
   stages = spdfq_main.default_stages()
   pre = spdfq_main.preprocessing_of(config, module, params)
   scfg, _ = spdfq_main.synth_plan(stages, module, "spdfq", config, pre)
-  step, args = synthesis_bench.step_inputs(module, params, scfg)
+  step, args = step_util.synth_step(module, params, scfg, donate=False)
   cost = step.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]), time.perf_counter() - t

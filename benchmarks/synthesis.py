@@ -22,15 +22,12 @@ Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,34 +35,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
+import step_util  # noqa: E402
 from configs import fmnist_w4a4, scenes_w4a4  # noqa: E402
-from spdfq_jax import parallel, synth  # noqa: E402
-from spdfq_jax.models import zoo  # noqa: E402
+from spdfq_jax import synth  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
+from step_util import FMNIST_VIT, machine, timing_model  # noqa: E402,F401
 # Test bed -> (asset name prefix, data module, the demo config's synthesis settings).
 BEDS = {"fmnist": ("fmnist", "fashion_mnist", fmnist_w4a4.SYNTH),
         "scenes": ("scenes", "scenes", scenes_w4a4.SYNTH)}
-FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
-
-
-def machine() -> str:
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{datetime.date.today().isoformat()}")
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def timing_model(name: str):
-  """(module, image shape) with random weights: the Fashion-MNIST ViT or a registry model."""
-  if name == "fmnist_vit":
-    return zoo.custom_vit(**FMNIST_VIT), (32, 32, 1)
-  return zoo.build(name), (224, 224, 3)
 
 
 def _time_pair(a, a_args, b, b_args, iters: int) -> tuple[float, float]:
@@ -82,33 +65,11 @@ def _time_pair(a, a_args, b, b_args, iters: int) -> tuple[float, float]:
   return min(ta), min(tb)
 
 
-def step_inputs(module, params, cfg) -> tuple[Callable, tuple]:
-  """`generate`'s jitted synthesis step for `cfg` (without buffer donation, so it can be
-  called again on the same arguments) and the arguments of one call, at step 5 of the plan
-  (its last step when shorter)."""
-  info = G.model_info(module, params, cfg)
-  blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
-  labels = G.draw_labels(cfg, info)
-  pri = G.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
-  mesh = parallel.data_mesh()
-  n = cfg.num_images
-  fixed = parallel.shard_batch({"index": np.arange(n, dtype=np.int32),
-                                "mask": np.ones(n, np.float32), "targets": labels["targets"],
-                                "region_targets": labels["region_targets"], "priors": pri}, mesh)
-  x = parallel.shard_batch(G.initial_images(cfg, info), mesh)
-  state = optax.ScaleByAdamState(jax.device_put(np.int32(0), parallel.replicated(mesh)),
-                                 jnp.zeros_like(x), jnp.zeros_like(x))
-  step = G.make_step(module, cfg, info, blocks, mesh)
-  step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)  # no donation
-  plan = G.make_plan(cfg, info)
-  return step, (params, x, state, fixed, plan.row(min(5, len(plan.lr) - 1)))
-
-
 def time_method(module, params, shape, method: str, iters: int) -> tuple[float, float]:
   """(step seconds, bare forward+backward seconds) for one method at batch 32."""
   cfg = synth.default_config(method.replace("_nomsr", ""))
   cfg.update(mean=(0.5,), std=(0.5,), msr=cfg.msr and not method.endswith("_nomsr"))
-  step, args = step_inputs(module, params, cfg)
+  step, args = step_util.synth_step(module, params, cfg, donate=False)
   x = args[1]
   r = cfg.msr_grid ** 2 if cfg.msr else 0
 

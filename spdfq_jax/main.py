@@ -392,12 +392,13 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
   """(synthesis config or None for real images, its directory under workdir/synthetic)."""
   if method == REAL:
     return None, f"{REAL}-{fingerprint(REAL, config.num_images, config.seed, data_key(config))}"
+  from spdfq_jax.synth import config as synth_config  # pylint: disable=g-import-not-at-top
   scfg = stages.synth_config(method, family_of(module))
   for k, v in set_fields(config.synth).items():
     _assign(scfg, k, v)
   scfg.num_images, scfg.seed = config.num_images, config.seed
   scfg.mean, scfg.std = tuple(pre.mean), tuple(pre.std)
-  return scfg, f"{method}-{fingerprint(scfg.to_dict(), model_key(config))}"
+  return scfg, f"{method}-{fingerprint(synth_config.identity(scfg), model_key(config))}"
 
 
 def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collections.ConfigDict],
@@ -521,8 +522,9 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   qcfg = quant_config(stages, config, w_bits, a_bits)
   scfg, synth_name = synth_plan(stages, module, method, config, pre)
   synth_dir = os.path.join(workdir, "synthetic", synth_name)
-  key = fingerprint(synth_name, qcfg.to_dict(), model_key(config), data_key(config),
-                    config.eval.to_dict())
+  from spdfq_jax.quant import config as quant_settings  # pylint: disable=g-import-not-at-top
+  key = fingerprint(synth_name, quant_settings.identity(qcfg), model_key(config),
+                    data_key(config), config.eval.to_dict())
   row_dir = os.path.join(workdir, "rows", f"{method}_w{w_bits}a{a_bits}-{key}")
   export_path = os.path.join(row_dir, "quantized.safetensors")
   want_export = bool(config.export) and stages.export is not None

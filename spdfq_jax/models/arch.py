@@ -26,14 +26,13 @@ from typing import Any, Mapping, Optional
 from spdfq_jax.models import zoo
 
 FAMILIES = {"vit": "vit", "deit": "vit", "swin": "swin"}
-_EXCLUDED = ("point", "parent", "name")
 _TUPLES = ("depths", "num_heads")  # Swin fields that take one value per stage
 
 
 def fields(family: str) -> tuple[str, ...]:
   """The keys a spec of this family may set."""
   cls = zoo.SwinTransformer if family == "swin" else zoo.VisionTransformer
-  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _EXCLUDED)
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in zoo.NOT_ARCHITECTURE)
 
 
 def is_spec(text: str) -> bool:

@@ -31,6 +31,49 @@ class Point(nn.Module):
     return x
 
 
+def _cast(dtype: Optional[str], *xs: jax.Array) -> tuple[jax.Array, ...]:
+  return tuple(x.astype(dtype) for x in xs) if dtype else xs
+
+
+def _float32_out(dtype: Optional[str]) -> dict:
+  return {"preferred_element_type": jnp.float32} if dtype else {}
+
+
+def cast_dot_general(dtype: Optional[str]) -> Optional[Callable]:
+  """Dense matmul on `dtype` operands with a float32 result (None: the plain one)."""
+  if not dtype:
+    return None
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    return jax.lax.dot_general(*_cast(dtype, lhs, rhs), dimension_numbers, precision,
+                               preferred_element_type=jnp.float32)
+  return dot_general
+
+
+def cast_conv(dtype: Optional[str]) -> Optional[Callable]:
+  """Convolution on `dtype` operands with a float32 result (None: the plain one)."""
+  if not dtype:
+    return None
+
+  def conv(lhs, rhs, *args, **kwargs):
+    kwargs.pop("preferred_element_type", None)
+    return jax.lax.conv_general_dilated(*_cast(dtype, lhs, rhs), *args,
+                                        preferred_element_type=jnp.float32, **kwargs)
+  return conv
+
+
+def dense(features: int, matmul_dtype: Optional[str], name: str, use_bias: bool = True
+          ) -> nn.Dense:
+  """nn.Dense whose matmul runs on `matmul_dtype` operands (None: float32 throughout)."""
+  return nn.Dense(features, use_bias=use_bias, dot_general=cast_dot_general(matmul_dtype),
+                  name=name)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, matmul_dtype: Optional[str]) -> jax.Array:
+  """jnp.einsum on `matmul_dtype` operands with a float32 result (None: the plain one)."""
+  return jnp.einsum(spec, *_cast(matmul_dtype, a, b), **_float32_out(matmul_dtype))
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, as in timm."""
   return nn.gelu(x, approximate=False)
@@ -41,13 +84,14 @@ class Mlp(nn.Module):
   hidden_dim: int
   out_dim: int
   point: PointFactory = Point
+  matmul_dtype: Optional[str] = None  # operands of the matmuls; results stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.point(kind=POST_LN, name="fc1_in")(x)
-    x = gelu(nn.Dense(self.hidden_dim, name="fc1")(x))
+    x = gelu(dense(self.hidden_dim, self.matmul_dtype, "fc1")(x))
     x = self.point(kind=ACT, name="fc2_in")(x)
-    return nn.Dense(self.out_dim, name="fc2")(x)
+    return dense(self.out_dim, self.matmul_dtype, "fc2")(x)
 
 
 class Attention(nn.Module):
@@ -62,6 +106,7 @@ class Attention(nn.Module):
   num_heads: int
   window_size: Optional[int] = None  # Swin: adds a learned relative position bias
   point: PointFactory = Point
+  matmul_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
@@ -75,21 +120,21 @@ class Attention(nn.Module):
       bias = rel if bias is None else bias + rel
     hd = d // self.num_heads
     x = self.point(kind=POST_LN, name="qkv_in")(x)
-    qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.num_heads, hd)
+    qkv = dense(3 * d, self.matmul_dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd)
     q = self.point(kind=ACT, name="q")(q * hd ** -0.5)
     k = self.point(kind=ACT, name="k")(k)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    logits = einsum("bhqd,bhkd->bhqk", q, k, self.matmul_dtype)
     if bias is not None:
       logits = logits + bias
     attn = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "attn", attn)
     attn = self.point(kind=SOFTMAX, name="softmax")(attn)
     v = self.point(kind=ACT, name="v")(v)
-    out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, n, d)
+    out = einsum("bhqk,bhkd->bqhd", attn, v, self.matmul_dtype).reshape(b, n, d)
     self.sow("intermediates", "attn_v", out)
     out = self.point(kind=ACT, name="proj_in")(out)
-    return nn.Dense(d, name="proj")(out)
+    return dense(d, self.matmul_dtype, "proj")(out)
 
 
 def relative_position_index(window_size: int) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Swin Transformer (v1), parameter layout mirroring timm >= 0.9 (NHWC stages)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spdfq_jax.models.layers import ACT, POST_LN, Attention, Mlp, Point, PointFactory
+from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Mlp, Point, PointFactory, cast_conv,
+                                     dense)
 
 MASK_VALUE = -100.0  # what the reference implementation adds to cross-region logits
 
@@ -55,6 +56,7 @@ class SwinBlock(nn.Module):
   mlp_ratio: float = 4.0
   eps: float = 1e-5
   point: PointFactory = Point
+  matmul_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -68,13 +70,15 @@ class SwinBlock(nn.Module):
     if shift:
       mask = jnp.asarray(shift_attention_mask(h, w, ws, shift))[:, None]  # (nW, 1, N, N)
       bias = jnp.tile(mask, (b, 1, 1, 1))
-    windows = Attention(self.num_heads, window_size=ws, point=self.point, name="attn")(windows, bias)
+    windows = Attention(self.num_heads, window_size=ws, point=self.point,
+                        matmul_dtype=self.matmul_dtype, name="attn")(windows, bias)
     y = window_reverse(windows, ws, h, w)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     x = x + y
     y = nn.LayerNorm(epsilon=self.eps, name="norm2")(x)
-    return x + Mlp(int(c * self.mlp_ratio), c, point=self.point, name="mlp")(y)
+    return x + Mlp(int(c * self.mlp_ratio), c, point=self.point,
+                   matmul_dtype=self.matmul_dtype, name="mlp")(y)
 
 
 class PatchEmbed(nn.Module):
@@ -82,11 +86,12 @@ class PatchEmbed(nn.Module):
   dim: int
   patch_size: int
   eps: float = 1e-5
+  matmul_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.dim, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
-                name="proj")(x)
+                conv_general_dilated=cast_conv(self.matmul_dtype), name="proj")(x)
     return nn.LayerNorm(epsilon=self.eps, name="norm")(x)
 
 
@@ -95,6 +100,7 @@ class PatchMerging(nn.Module):
   out_dim: int
   eps: float = 1e-5
   point: PointFactory = Point
+  matmul_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,7 +108,7 @@ class PatchMerging(nn.Module):
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
     x = nn.LayerNorm(epsilon=self.eps, name="norm")(x)
     x = self.point(kind=POST_LN, name="reduction_in")(x)
-    return nn.Dense(self.out_dim, use_bias=False, name="reduction")(x)
+    return dense(self.out_dim, self.matmul_dtype, "reduction", use_bias=False)(x)
 
 
 class Stage(nn.Module):
@@ -115,13 +121,18 @@ class Stage(nn.Module):
   mlp_ratio: float = 4.0
   eps: float = 1e-5
   point: PointFactory = Point
+  remat: bool = False
+  matmul_dtype: Optional[str] = None
 
   def setup(self):
     if self.downsample:
-      self.merge = PatchMerging(self.dim, self.eps, self.point, name="downsample")
+      self.merge = PatchMerging(self.dim, self.eps, self.point, self.matmul_dtype,
+                                name="downsample")
     ws, shift = window_and_shift(self.resolution, self.window_size, self.window_size // 2)
-    self.blocks = [SwinBlock(self.num_heads, ws, shift if i % 2 else 0, self.mlp_ratio, self.eps,
-                             self.point, name=f"blocks_{i}") for i in range(self.depth)]
+    block = nn.remat(SwinBlock) if self.remat else SwinBlock
+    self.blocks = [block(self.num_heads, ws, shift if i % 2 else 0, self.mlp_ratio, self.eps,
+                         self.point, self.matmul_dtype, name=f"blocks_{i}")
+                   for i in range(self.depth)]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.downsample:
@@ -133,7 +144,8 @@ class Stage(nn.Module):
 
 class SwinTransformer(nn.Module):
   """Swin classifier on NHWC float images; units: embed, layers.i.downsample,
-  layers.i.blocks.j, head (see `swin_units`)."""
+  layers.i.blocks.j, head (see `swin_units`). `remat` and `matmul_dtype` as in
+  `VisionTransformer`."""
   num_classes: int = 1000
   img_size: int = 224
   patch_size: int = 4
@@ -144,20 +156,24 @@ class SwinTransformer(nn.Module):
   mlp_ratio: float = 4.0
   eps: float = 1e-5
   point: PointFactory = Point
+  remat: bool = False
+  matmul_dtype: Optional[str] = None
 
   def setup(self):
     self.patch_in = self.point(kind=ACT, name="patch_in")
-    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.eps, name="patch_embed")
+    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.eps, self.matmul_dtype,
+                                  name="patch_embed")
     res = self.img_size // self.patch_size
     stages = []
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       stages.append(Stage(depth, self.embed_dim * 2 ** i, heads, res // 2 ** i, self.window_size,
                           downsample=i > 0, mlp_ratio=self.mlp_ratio, eps=self.eps,
-                          point=self.point, name=f"layers_{i}"))
+                          point=self.point, remat=self.remat, matmul_dtype=self.matmul_dtype,
+                          name=f"layers_{i}"))
     self.layers = stages
     self.norm = nn.LayerNorm(epsilon=self.eps, name="norm")
     self.head_in = self.point(kind=ACT, name="head_in")
-    self.head = nn.Dense(self.num_classes, name="head")
+    self.head = dense(self.num_classes, self.matmul_dtype, "head")
 
   def embed(self, images: jax.Array) -> jax.Array:
     return self.patch_embed(self.patch_in(images))

@@ -5,7 +5,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spdfq_jax.models.layers import ACT, POST_LN, Attention, Mlp, Point, PointFactory
+from typing import Optional
+
+from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Mlp, Point, PointFactory, cast_conv,
+                                     dense)
 
 
 class Block(nn.Module):
@@ -14,14 +17,17 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   eps: float = 1e-6
   point: PointFactory = Point
+  matmul_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     y = nn.LayerNorm(epsilon=self.eps, name="norm1")(x)
-    x = x + Attention(self.num_heads, point=self.point, name="attn")(y)
+    x = x + Attention(self.num_heads, point=self.point, matmul_dtype=self.matmul_dtype,
+                      name="attn")(y)
     y = nn.LayerNorm(epsilon=self.eps, name="norm2")(x)
-    return x + Mlp(int(d * self.mlp_ratio), d, point=self.point, name="mlp")(y)
+    return x + Mlp(int(d * self.mlp_ratio), d, point=self.point,
+                   matmul_dtype=self.matmul_dtype, name="mlp")(y)
 
 
 class VisionTransformer(nn.Module):
@@ -31,6 +37,11 @@ class VisionTransformer(nn.Module):
   block-wise reconstruction can run and train one unit at a time; `__call__` is
   their composition. `distilled=True` adds DeiT's distillation token and head; the
   two heads are averaged, as timm does at inference.
+
+  `remat` and `matmul_dtype` change how the model runs, not its parameters or
+  architecture: `remat` recomputes each block's activations in the backward pass
+  (`nn.remat`) instead of storing them; `matmul_dtype` ('bfloat16') gives every matmul
+  operands of that type and a float32 result.
   """
   num_classes: int = 1000
   img_size: int = 224
@@ -42,10 +53,13 @@ class VisionTransformer(nn.Module):
   distilled: bool = False
   eps: float = 1e-6
   point: PointFactory = Point
+  remat: bool = False
+  matmul_dtype: Optional[str] = None
 
   def setup(self):
     self.patch_embed = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
-                               padding="VALID", name="patch_embed")
+                               padding="VALID", conv_general_dilated=cast_conv(self.matmul_dtype),
+                               name="patch_embed")
     self.patch_in = self.point(kind=ACT, name="patch_in")
     self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
     if self.distilled:
@@ -53,14 +67,15 @@ class VisionTransformer(nn.Module):
     grid = self.img_size // self.patch_size
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, grid * grid + self.num_prefix_tokens, self.width))
-    self.blocks = [Block(self.num_heads, self.mlp_ratio, self.eps, self.point, name=f"blocks_{i}")
-                   for i in range(self.depth)]
+    block = nn.remat(Block) if self.remat else Block
+    self.blocks = [block(self.num_heads, self.mlp_ratio, self.eps, self.point, self.matmul_dtype,
+                         name=f"blocks_{i}") for i in range(self.depth)]
     self.norm = nn.LayerNorm(epsilon=self.eps, name="norm")
     self.head_in = self.point(kind=ACT, name="head_in")
-    self.head = nn.Dense(self.num_classes, name="head")
+    self.head = dense(self.num_classes, self.matmul_dtype, "head")
     if self.distilled:
       self.head_dist_in = self.point(kind=ACT, name="head_dist_in")
-      self.head_dist = nn.Dense(self.num_classes, name="head_dist")
+      self.head_dist = dense(self.num_classes, self.matmul_dtype, "head_dist")
 
   @property
   def num_prefix_tokens(self) -> int:

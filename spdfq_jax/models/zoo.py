@@ -18,6 +18,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 Model = Union[VisionTransformer, SwinTransformer]
+# Module fields that are not the architecture: the quant-point factory, Flax's own, and how
+# the model runs (rematerialisation, matmul operand type). Checkpoints and specs skip them.
+NOT_ARCHITECTURE = ("point", "parent", "name", "remat", "matmul_dtype")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,12 +60,21 @@ def default_config(w_bits: int = 4, a_bits: int = 4, preset: str = "full",
   c.calib = dict(chunk_size=32)
   # Block-wise reconstruction: iterations per unit (0 = off), Adam with cosine decay.
   # train: 'all' params of the unit (kernels, biases, LayerNorm, tokens) or 'kernels'.
+  # log_every: steps between reads of the losses (each read waits for the device).
   c.recon = dict(iters=100 if preset == "full" else 0, batch_size=32, lr=4e-5, seed=0,
-                 train="all")
+                 train="all", log_every=50)
   for key, value in overrides.items():
     _set(c, SHORTCUTS.get(key, key), value)
   validate(c)
   return c
+
+
+def identity(c: ml_collections.ConfigDict) -> dict:
+  """The fields that decide the quantized model: the config without `recon.log_every`
+  (how often the loop reads its losses)."""
+  d = c.to_dict()
+  d["recon"] = {k: v for k, v in d["recon"].items() if k != "log_every"}
+  return d
 
 
 def _set(c: ml_collections.ConfigDict, path: str, value: Any) -> None:
@@ -102,8 +111,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"softmax.quantizer must be one of {SOFTMAX_QUANTIZERS}")
   if c.recon.train not in ("all", "kernels"):
     raise ValueError(f"recon.train must be 'all' or 'kernels', got {c.recon.train!r}")
-  if c.recon.iters < 0 or c.recon.batch_size < 1:
-    raise ValueError("recon.iters must be >= 0 and recon.batch_size >= 1")
+  if c.recon.iters < 0 or c.recon.batch_size < 1 or c.recon.log_every < 1:
+    raise ValueError("recon.iters must be >= 0, recon.batch_size and recon.log_every >= 1")
   if c.reparam and c.acts.post_ln_granularity != "channel":
     raise ValueError("reparam folds per-channel post-LN ranges: set "
                      "acts.post_ln_granularity='channel' (or reparam=False)")

@@ -58,9 +58,6 @@ def run_unit(module: zoo.Model, variables: dict, name: str, x: jax.Array, chunk_
                           for i in range(0, x.shape[0], chunk_size)])
 
 
-CHECK_EVERY = 20  # steps between looks at the losses (each look waits for the device)
-
-
 class NonFiniteLoss(FloatingPointError):
   """A unit's loss (or, after its last update, its weights) stopped being finite at `step`
   (0-based)."""
@@ -106,11 +103,13 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
   """
   r = cfg.recon
   chunk = cfg.calib.chunk_size
+  frozen = ml_collections.FrozenConfigDict(cfg)
   qmod = qmodel.quant_module(module, cfg)
   units = zoo.units(module)
-  teacher = params
-  student = jax.tree_util.tree_map(jnp.asarray, params)
-  x_fp = x_q = jnp.asarray(images, jnp.float32)
+  # Everything the steps read goes to the device once, here.
+  teacher, qstate, wstate = jax.device_put((params, qstate, wstate))
+  student = teacher
+  x_fp = x_q = jax.device_put(np.asarray(images, np.float32))
   start = 0
   mgr = checkpoint.manager(workdir) if workdir else None
   if mgr is not None:
@@ -128,7 +127,7 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
         raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
       log.append(entry)
     if i + 1 < len(units) or mgr is not None:
-      qvars = {"params": qmodel.quantize_weights(student, wstate, cfg), "quant": qstate}
+      qvars = {"params": _quantize_weights(frozen, student, wstate), "quant": qstate}
       x_q = run_unit(qmod, qvars, name, x_q, chunk)
     x_fp = y_fp
     if mgr is not None and i >= start:
@@ -152,11 +151,14 @@ def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
                                   jax.tree_util.tree_map(lambda m: not m, mask)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
           opt_state: Any, frozen: dict, qstate: dict, wstate: dict, key: jax.Array,
           xs: jax.Array, ys: jax.Array) -> tuple[dict, Any, jax.Array]:
-  """One Adam step on a random batch: MSE between quantized and FP unit outputs."""
+  """One Adam step on a random batch: MSE between quantized and FP unit outputs.
+
+  Consumes (donates) `trainable` and `opt_state`; every argument already lives on the
+  device, so a step sends nothing and the loss stays there until the loop reads it."""
   n = xs.shape[0]
   bs = min(cfg.recon.batch_size, n)
 
@@ -175,32 +177,66 @@ def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trai
   return optax.apply_updates(trainable, updates), opt_state, loss
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def step_keys(seed: int, index: int, iters: int) -> list[jax.Array]:
+  """The batch key of every step of unit `index`, made on the device at once."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(iters))
+  return [keys[i] for i in range(iters)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _start(cfg: ml_collections.FrozenConfigDict, trainable: dict) -> tuple[dict, Any]:
+  """A copy of the unit's trainable params (the step consumes it; the model's params keep
+  theirs) and its fresh Adam state."""
+  trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+  return trainable, _optimizer(cfg, trainable).init(trainable)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_weights(cfg: ml_collections.FrozenConfigDict, params: dict, wstate: dict) -> dict:
+  return qmodel.quantize_weights(params, wstate, cfg)
+
+
+@jax.jit
+def _stack(losses: list[jax.Array]) -> jax.Array:
+  return jnp.stack(losses)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree_util.tree_leaves(tree)]))
+
+
 def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params: dict,
                 qstate: dict, wstate: dict, cfg: ml_collections.ConfigDict, x_q: jax.Array,
                 y_fp: jax.Array, index: int, progress: bool) -> tuple[dict, dict]:
+  """Trains one unit; the losses are read every `recon.log_every` steps (one transfer
+  per block), and a non-finite one raises `NonFiniteLoss` with its step."""
   r = cfg.recon
   frozen_cfg = ml_collections.FrozenConfigDict(cfg)
-  trainable = {p: get_subtree(params, p) for p in paths}
-  opt_state = _optimizer(frozen_cfg, trainable).init(trainable)
-  key = jax.random.fold_in(jax.random.PRNGKey(r.seed), index)
-  losses, pending = [], []
-  bar = tqdm(range(r.iters), desc=f"recon {name}", leave=False, disable=not progress)
-  for it in bar:
-    trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
-                                       qstate, wstate, jax.random.fold_in(key, it), x_q, y_fp)
-    pending.append(loss)
-    if it == 0 or it == r.iters - 1 or it % CHECK_EVERY == 0:
-      values = np.asarray(jax.device_get(pending), np.float64)
-      bad = first_nonfinite(values)
-      if bad is not None:
-        bar.close()
-        raise NonFiniteLoss(name, it - len(values) + 1 + bad, float(values[bad]), r.iters)
-      pending = []
-      losses.append(float(values[-1]))
-      bar.set_postfix(loss=f"{losses[-1]:.4g}")
+  trainable, opt_state = _start(frozen_cfg, {p: get_subtree(params, p) for p in paths})
+  keys = step_keys(r.seed, index, r.iters)
+  first = last = None
+  bar = tqdm(total=r.iters, desc=f"recon {name}", leave=False, disable=not progress)
+  for start in range(0, r.iters, r.log_every):
+    pending = []
+    for key in keys[start:start + r.log_every]:
+      trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
+                                         qstate, wstate, key, x_q, y_fp)
+      pending.append(loss)
+    values = np.asarray(jax.device_get(_stack(pending)), np.float64)
+    bad = first_nonfinite(values)
+    if bad is not None:
+      bar.close()
+      raise NonFiniteLoss(name, start + bad, float(values[bad]), r.iters)
+    first = values[0] if first is None else first
+    last = values[-1]
+    bar.update(len(values))
+    bar.set_postfix(loss=f"{last:.4g}")
   bar.close()
-  if not all(bool(jnp.isfinite(v).all()) for v in jax.tree_util.tree_leaves(trainable)):
+  if not jax.device_get(_all_finite(trainable)):
     raise NonFiniteLoss(name, r.iters - 1, float("nan"), r.iters, what="weights")
   for p, sub in trainable.items():
     params = set_subtree(params, p, sub)
-  return params, {"unit": name, "loss_first": losses[0], "loss_last": losses[-1]}
+  return params, {"unit": name, "loss_first": float(first), "loss_last": float(last)}

@@ -97,4 +97,29 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.whole_target_has_regions = False  # (open) whole-image Z also carries the region classes
 
   c.checkpoint_every = 100
+
+  # How the loop runs (not what it computes, so not part of a run's identity; see
+  # RUNTIME_FIELDS): the step's losses stay on the device and are read every `log_every`
+  # steps (and at each checkpoint). `remat` recomputes each transformer block's activations
+  # in the backward pass instead of keeping them; `microbatches` > 1 runs the model terms
+  # and their gradient on that many parts of the batch in turn (the batch TV still sees the
+  # whole batch; refused with the entropy term's batch-wide KDE grid). Both cut the step's
+  # memory for the same images, up to float rounding.
+  c.log_every = 50
+  c.remat = False
+  c.microbatches = 1
+  # 'bfloat16' runs the model's matmuls (dense, patch convolution, attention) on bfloat16
+  # operands with float32 results; images, Adam state, LayerNorm, softmax and losses stay
+  # float32. It changes the images slightly, so it is part of a run's identity.
+  c.compute_dtype = "float32"
   return c
+
+
+RUNTIME_FIELDS = ("log_every", "remat", "microbatches")
+
+
+def identity(cfg: ml_collections.ConfigDict) -> dict:
+  """The fields that decide the images: the config without `RUNTIME_FIELDS`, and without
+  `compute_dtype` when float32 (the identity a run had before the field existed)."""
+  return {k: v for k, v in cfg.to_dict().items()
+          if k not in RUNTIME_FIELDS and not (k == "compute_dtype" and v == "float32")}

@@ -21,7 +21,7 @@ import optax
 from spdfq_jax import checkpoint, parallel
 from spdfq_jax.models import taps
 from spdfq_jax.models.swin import SwinTransformer
-from spdfq_jax.synth import losses, priors as priors_lib, regions
+from spdfq_jax.synth import config as synth_config, losses, priors as priors_lib, regions
 
 SUBDIR = "synthetic"
 RESULT = "result.npz"
@@ -190,11 +190,22 @@ def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
   `row` is one step of the `Plan` (shift, flip, region_shift, region_flip, tv_target,
   step). Every whole-image term, TV included, reads the jittered image, as in PSAQ-ViT.
   """
+  n_valid = jnp.maximum(fixed["mask"].sum(), 1.0)
+  xa = augment(x, row["shift"], row["flip"])
+  terms, stats = model_terms(module, params, x, xa, fixed, row, cfg, info, blocks, n_valid)
+  return {**terms, **pixel_terms(xa, fixed["mask"], row, cfg)}, stats
+
+
+def model_terms(module, params: Any, x: jax.Array, xa: jax.Array, fixed: dict, row: dict,
+                cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
+                n_valid: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """The terms that run the model on `x` and its jittered copy `xa`: sums over the valid
+  images divided by `n_valid` (the whole batch's count), so the terms of disjoint parts of
+  a batch add up to the batch's (except the entropy with the batch-wide KDE grid, which
+  couples the images)."""
   b = x.shape[0]
   mask = fixed["mask"]
-  n_valid = jnp.maximum(mask.sum(), 1.0)
   mean = lambda v: (v * mask).sum() / n_valid
-  xa = augment(x, row["shift"], row["flip"])
   terms = {}
   if cfg.apa or cfg.entropy:
     logits, attns, attn_vs = taps.apply_with_attention(module, {"params": params}, xa)
@@ -225,11 +236,18 @@ def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
     rlogits = module.apply({"params": params}, reg.reshape((b * r,) + reg.shape[2:]))
     ce = losses.soft_cross_entropy(rlogits, fixed["region_targets"].reshape(b * r, -1))
     terms["msr"] = mean((ce.reshape(b, r) * sel).sum(-1))
-  if cfg.tv_weight:
-    tv = losses.tv_batch(xa, mask)
-    terms["tv"] = cfg.tv_weight * (jnp.abs(tv - row["tv_target"]) if cfg.tv_mode == "target"
-                                   else tv)
   return terms, stats
+
+
+def pixel_terms(xa: jax.Array, mask: jax.Array, row: dict, cfg: ml_collections.ConfigDict
+                ) -> dict[str, jax.Array]:
+  """The terms on the (jittered) pixels alone: PSAQ-ViT's batch TV, which couples the
+  images."""
+  if not cfg.tv_weight:
+    return {}
+  tv = losses.tv_batch(xa, mask)
+  return {"tv": cfg.tv_weight * (jnp.abs(tv - row["tv_target"]) if cfg.tv_mode == "target"
+                                 else tv)}
 
 
 def entropy_skip(cfg: ml_collections.ConfigDict, info: ModelInfo) -> int:
@@ -275,12 +293,22 @@ class Plan:
   region_flip: np.ndarray  # (T,) bool
   tv_target: float  # scaled to this batch and image size when `tv_target_scaled`
 
+  def table(self) -> dict[str, np.ndarray]:
+    """Every step's row at once, (T,) per field: sent to the device once per run."""
+    t = len(self.lr)
+    return {"step": np.arange(t, dtype=np.int32), "lr": self.lr.astype(np.float32),
+            "shift": self.shift.astype(np.int32), "flip": self.flip.astype(np.bool_),
+            "region_shift": self.region_shift.astype(np.int32),
+            "region_flip": self.region_flip.astype(np.bool_),
+            "tv_target": np.full(t, self.tv_target, np.float32)}
+
   def row(self, step: int) -> dict[str, np.ndarray]:
-    return {"step": np.int32(step), "lr": np.float32(self.lr[step]),
-            "shift": np.int32(self.shift[step]), "flip": np.bool_(self.flip[step]),
-            "region_shift": np.int32(self.region_shift[step]),
-            "region_flip": np.bool_(self.region_flip[step]),
-            "tv_target": np.float32(self.tv_target)}
+    return plan_row(self.table(), step)
+
+
+def plan_row(table: dict, step: Any) -> dict:
+  """Row `step` of a plan table; `step` may be a traced index into a table on the device."""
+  return {k: v[step] for k, v in table.items()}
 
 
 def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> Plan:
@@ -302,30 +330,110 @@ def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> Plan:
   return Plan(lr_schedule(cfg), shift, flip, region_shift, region_flip, float(tv_target))
 
 
-def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
-              mesh) -> Callable:
-  """The jitted step (params, x, adam, fixed, row) -> (x, adam, (terms, stats)): one Adam update of
-  the pixels at the row's lr, then every channel clipped to its valid pixel range."""
-  for field, allowed in (("entropy_grid", ("batch", "image")), ("tv_mode", ("target", "min"))):
+def check_runtime(cfg: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the field, on settings the step cannot run."""
+  for field, allowed in (("entropy_grid", ("batch", "image")), ("tv_mode", ("target", "min")),
+                         ("compute_dtype", tuple(COMPUTE_DTYPES))):
     if cfg[field] not in allowed:
       raise ValueError(f"synth.{field} must be one of {allowed}, got {cfg[field]!r}")
+  for field in ("log_every", "microbatches"):
+    if not isinstance(cfg[field], int) or cfg[field] < 1:
+      raise ValueError(f"synth.{field} must be an integer >= 1, got {cfg[field]!r}")
+  if cfg.microbatches > 1 and cfg.entropy and cfg.entropy_grid == "batch":
+    raise ValueError("synth.microbatches > 1 cannot split the entropy term's batch-wide KDE "
+                     "grid (it couples all images of the batch): set synth.microbatches=1 or "
+                     "synth.entropy_grid='image'.")
+
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": "bfloat16"}
+
+
+def step_module(module, cfg: ml_collections.ConfigDict):
+  """The model as the step runs it: matmuls in `compute_dtype`, blocks rematerialised with
+  `remat` (same parameters, same function up to the matmuls' rounding)."""
+  return module.clone(matmul_dtype=COMPUTE_DTYPES[cfg.compute_dtype], remat=bool(cfg.remat))
+
+
+def _split(tree: Any, parts: int) -> Any:
+  """(B, ...) leaves -> (parts, B / parts, ...): part j holds images j, j + parts, ...,
+  so each part keeps the batch's spread over the devices."""
+  return jax.tree_util.tree_map(
+      lambda a: a.reshape((a.shape[0] // parts, parts) + a.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _merge(a: jax.Array) -> jax.Array:
+  """Inverse of `_split` for one array."""
+  return a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])
+
+
+def _sum_grad(fn: Callable, x: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
+  """(d sum(terms) / dx, (terms, stats)) of `fn(x) -> (terms, stats)`."""
+  def objective(x):
+    terms, stats = fn(x)
+    return sum(terms.values()), (terms, stats)
+  return jax.grad(objective, has_aux=True)(x)
+
+
+def _total(per_part: dict) -> dict:
+  return {k: v.sum(0) for k, v in per_part.items()}
+
+
+def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
+              mesh) -> Callable:
+  """The jitted step (params, x, adam, fixed, table, t, log) -> (x, adam, t + 1, log): one
+  Adam update of the pixels at step t's lr (`table` = `Plan.table()` on the device), every
+  channel then clipped to its valid pixel range, and the step's {'terms', 'stats'} written
+  to row t % K of the (K,)-long `log` buffers. Nothing leaves the device.
+
+  With `microbatches` M > 1 the model terms and their gradient are computed on M parts of
+  the batch in sequence (memory of one part); the batch TV is computed on the whole batch.
+  """
+  check_runtime(cfg)
   adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
   lo, hi = pixel_range(cfg, info.image_shape[-1])
+  net = step_module(module, cfg)
+  parts = cfg.microbatches
 
-  def step(params, x, opt_state, fixed, row):
-    def objective(x):
-      terms, stats = loss_terms(module, params, x, fixed, row, cfg, info, blocks)
-      return sum(terms.values()), (terms, stats)
+  def gradient(params, x, fixed, row):
+    if parts == 1:
+      return _sum_grad(lambda x: loss_terms(net, params, x, fixed, row, cfg, info, blocks), x)
+    n_valid = jnp.maximum(fixed["mask"].sum(), 1.0)
+    jitter = lambda x: augment(x, row["shift"], row["flip"])
+    part = lambda _, xf: (None, _sum_grad(lambda x: model_terms(
+        net, params, x, jitter(x), xf[1], row, cfg, info, blocks, n_valid), xf[0]))
+    _, (grads, (terms, stats)) = jax.lax.scan(part, None, _split((x, fixed), parts))
+    grad, terms, stats = _merge(grads), _total(terms), _total(stats)
+    if cfg.tv_weight:
+      g_pix, (pix, _) = _sum_grad(
+          lambda x: (pixel_terms(jitter(x), fixed["mask"], row, cfg), {}), x)
+      grad, terms = grad + g_pix, {**terms, **pix}
+    return grad, (terms, stats)
 
-    grad, aux = jax.grad(objective, has_aux=True)(x)
+  def step(params, x, opt_state, fixed, table, t, log):
+    row = plan_row(table, t)
+    grad, (terms, stats) = gradient(params, x, fixed, row)
     updates, opt_state = adam.update(grad, opt_state)
     x = jnp.clip(x - row["lr"] * updates, lo, hi)
-    return x, opt_state, aux
+    k = jax.tree_util.tree_leaves(log)[0].shape[0]
+    log = jax.tree_util.tree_map(lambda buf, v: buf.at[t % k].set(v), log,
+                                 {"terms": terms, "stats": stats})
+    return x, opt_state, t + 1, log
 
   batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   opt_sh = optax.ScaleByAdamState(count=rep, mu=batch, nu=batch)
-  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep),
-                 out_shardings=(batch, opt_sh, rep), donate_argnums=(1, 2))
+  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep, rep, rep),
+                 out_shardings=(batch, opt_sh, rep, rep), donate_argnums=(1, 2, 5, 6))
+
+
+def empty_log(module, params: Any, x: Any, fixed: dict, table: dict,
+              cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...]
+              ) -> dict:
+  """Zeroed host buffers for the step's log: (log_every,) per term and stat."""
+  terms, stats = jax.eval_shape(
+      lambda p, x, f, tb: loss_terms(module, p, x, f, plan_row(tb, 0), cfg, info, blocks),
+      params, x, fixed, table)
+  zeros = lambda s: np.zeros((cfg.log_every,) + s.shape, s.dtype)
+  return jax.tree_util.tree_map(zeros, {"terms": terms, "stats": stats})
 
 
 def chance_priors(cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
@@ -376,7 +484,7 @@ def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
 
 
 def _config_json(cfg: ml_collections.ConfigDict) -> str:
-  return cfg.to_json(sort_keys=True)
+  return json.dumps(synth_config.identity(cfg), sort_keys=True)
 
 
 def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigDict) -> None:
@@ -426,12 +534,16 @@ def _write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def _finite_or_raise(step: int, terms: dict[str, float]) -> None:
-  bad = [k for k, v in terms.items() if not math.isfinite(v)]
-  if bad:
-    detail = ", ".join(f"{k}={terms[k]}" for k in bad)
-    raise FloatingPointError(f"synthesis loss is not finite at step {step}: {detail} "
-                             f"(all terms: {terms})")
+def _finite_or_raise(start: int, terms: dict[str, np.ndarray]) -> None:
+  """Raises at the first step of a fetched block (rows from step `start`) with a
+  non-finite term, naming the step and the terms."""
+  bad = ~np.isfinite(np.stack(list(terms.values()), -1)).all(-1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    row = {k: float(v[i]) for k, v in terms.items()}
+    detail = ", ".join(f"{k}={v}" for k, v in row.items() if not math.isfinite(v))
+    raise FloatingPointError(f"synthesis loss is not finite at step {start + i}: {detail} "
+                             f"(all terms: {row})")
 
 
 def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
@@ -443,7 +555,8 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   With a workdir the run saves Orbax checkpoints every `cfg.checkpoint_every` steps into
   `workdir/synthetic/`, resumes from the newest one, and writes result.npz, config.json,
   grid.png and attention.png there; a finished run is loaded instead of recomputed.
-  `real_images` feed `cfg.prior='real'`; `callback(step, terms)` runs after every step.
+  `real_images` feed `cfg.prior='real'`; `callback(step, terms)` runs once per step, in
+  order, when the loop reads the device (every `cfg.log_every` steps and at checkpoints).
   """
   directory = None
   if workdir is not None:
@@ -495,20 +608,23 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
   """
   n = x0.shape[0]
   mesh = parallel.data_mesh()
-  ndev = mesh.devices.size
-  pad = lambda a: parallel.pad_batch(np.asarray(a), ndev)[0]
+  multiple = mesh.devices.size * cfg.microbatches
+  pad = lambda a: parallel.pad_batch(np.asarray(a), multiple)[0]
   fixed = parallel.shard_batch(
       {"index": pad(np.arange(n, dtype=np.int32)),
        "mask": (np.arange(pad(x0).shape[0]) < n).astype(np.float32),
        "targets": pad(fixed["targets"]), "region_targets": pad(fixed["region_targets"]),
        "priors": [pad(p) for p in fixed["priors"]]}, mesh)
-  params = jax.device_put(params, parallel.replicated(mesh))
+  rep = parallel.replicated(mesh)
+  params = jax.device_put(params, rep)
+  table = jax.device_put(plan.table(), rep)
   step_fn = make_step(module, cfg, info, blocks, mesh)
+  log = jax.device_put(empty_log(module, params, pad(x0), fixed, table, cfg, info, blocks), rep)
   total = len(plan.lr)
 
   def to_device(x, mu, nu, count):
     x = parallel.shard_batch(pad(x), mesh)
-    st = optax.ScaleByAdamState(count=jax.device_put(np.int32(count), parallel.replicated(mesh)),
+    st = optax.ScaleByAdamState(count=jax.device_put(np.int32(count), rep),
                                 mu=parallel.shard_batch(pad(mu), mesh),
                                 nu=parallel.shard_batch(pad(nu), mesh))
     return x, st
@@ -524,26 +640,42 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       _, s = restored
       start = int(s["step"])
       x, opt_state = to_device(s["images"], s["mu"], s["nu"], int(s["count"]))
+  t = jax.device_put(np.int32(start), rep)
 
   bar = None
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, desc=f"synth[{cfg.method}]", leave=False)
   try:
-    for s in range(start, total):
-      x, opt_state, (terms, stats) = step_fn(params, x, opt_state, fixed, plan.row(s))
-      terms, stats = ({k: float(v) for k, v in d.items()} for d in jax.device_get((terms, stats)))
-      _finite_or_raise(s, terms)
+    saves = cfg.checkpoint_every if mgr is not None else total
+    for first, end in fetch_points(start, total, cfg.log_every, saves):
+      for _ in range(first, end):
+        x, opt_state, t, log = step_fn(params, x, opt_state, fixed, table, t, log)
+      # The block's steps sit in rows first % K .. (end - 1) % K: one fetch for all of them.
+      rows = slice(first % cfg.log_every, first % cfg.log_every + end - first)
+      got = jax.device_get(log)
+      _finite_or_raise(first, {k: v[rows] for k, v in got["terms"].items()})
+      values = {k: v[rows] for k, v in {**got["terms"], **got["stats"]}.items()}
       if bar is not None:
-        bar.set_postfix({k: f"{v:.4g}" for k, v in {**terms, **stats}.items()}, refresh=False)
-        bar.update(1)
+        bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in values.items()}, refresh=False)
+        bar.update(end - first)
       if callback is not None:
-        callback(s, {**terms, **stats})
-      if mgr is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < total:
-        checkpoint.save(mgr, s + 1, {  # global arrays: every process writes its own rows
+        for i in range(end - first):
+          callback(first + i, {k: float(v[i]) for k, v in values.items()})
+      if mgr is not None and end % cfg.checkpoint_every == 0 and end < total:
+        checkpoint.save(mgr, end, {  # global arrays: every process writes its own rows
             "images": x[:n], "mu": opt_state.mu[:n], "nu": opt_state.nu[:n],
-            "count": opt_state.count, "step": np.asarray(s + 1, np.int32)})
+            "count": opt_state.count, "step": np.asarray(end, np.int32)})
   finally:
     if bar is not None:
       bar.close()
   return parallel.to_host(x)[:n].astype(np.float32)
+
+
+def fetch_points(start: int, total: int, every: int, checkpoint_every: int
+                 ) -> list[tuple[int, int]]:
+  """Blocks [first, end) of steps run without looking at the device: they end at every
+  multiple of `every` (the log buffer's length) and of `checkpoint_every`, and at `total`."""
+  ends = sorted({e for e in range(start + 1, total + 1)
+                 if e % every == 0 or e % checkpoint_every == 0 or e == total})
+  return list(zip([start] + ends[:-1], ends))

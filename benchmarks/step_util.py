@@ -1,0 +1,69 @@
+"""One synthesis step ready to call, for the benchmarks that time or measure it."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from spdfq_jax import parallel
+from spdfq_jax.models import zoo
+
+G = importlib.import_module("spdfq_jax.synth.generate")
+FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
+
+
+def machine() -> str:
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+def timing_model(name: str):
+  """(module, image shape) with random weights: the Fashion-MNIST ViT or a registry model."""
+  if name == "fmnist_vit":
+    return zoo.custom_vit(**FMNIST_VIT), (32, 32, 1)
+  return zoo.build(name), (224, 224, 3)
+
+
+def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool = True
+               ) -> tuple[Callable, tuple]:
+  """(jitted step, its arguments at step 5) on one device, random labels and priors.
+
+  With `donate` the step consumes its image, Adam, counter and log arguments: call it
+  as `args = advance(args, step(*args))`. Without, the same arguments can be reused."""
+  info = G.model_info(module, params, cfg)
+  blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
+  labels = G.draw_labels(cfg, info)
+  pri = G.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
+  mesh = parallel.data_mesh()
+  rep = parallel.replicated(mesh)
+  n = cfg.num_images
+  fixed = parallel.shard_batch({"index": np.arange(n, dtype=np.int32),
+                                "mask": np.ones(n, np.float32), "targets": labels["targets"],
+                                "region_targets": labels["region_targets"], "priors": pri}, mesh)
+  x0 = G.initial_images(cfg, info)
+  x = parallel.shard_batch(x0, mesh)
+  state = optax.ScaleByAdamState(jax.device_put(np.int32(0), rep),
+                                 parallel.shard_batch(np.zeros_like(x0), mesh),
+                                 parallel.shard_batch(np.zeros_like(x0), mesh))
+  table = jax.device_put(G.make_plan(cfg, info).table(), rep)
+  params = jax.device_put(params, rep)
+  log = jax.device_put(G.empty_log(module, params, x, fixed, table, cfg, info, blocks), rep)
+  step = G.make_step(module, cfg, info, blocks, mesh)
+  if not donate:
+    step = jax.jit(step.__wrapped__)
+  return step, (params, x, state, fixed, table, jax.device_put(np.int32(5), rep), log)
+
+
+def advance(args: tuple, out: tuple) -> tuple:
+  """The next step's arguments from a step's outputs (x, adam, t, log)."""
+  params, _, _, fixed, table, _, _ = args
+  x, state, t, log = out
+  return params, x, state, fixed, table, t, log

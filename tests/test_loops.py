@@ -1,0 +1,191 @@
+"""The synthesis and reconstruction loops on an accelerator's terms: no transfer per step
+(checked with jax's transfer guard and a count of explicit reads), one compilation per
+shape, and the memory / precision options of the synthesis step (remat, microbatches,
+bfloat16 matmuls) against the plain step."""
+import dataclasses
+import importlib
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from spdfq_jax import quant
+from spdfq_jax.models import zoo
+from spdfq_jax.quant import qmodel
+
+sys.path.insert(0, os.path.dirname(__file__))
+import synth_child  # noqa: E402
+
+G = importlib.import_module("spdfq_jax.synth.generate")
+R = importlib.import_module("spdfq_jax.quant.reconstruct")
+C = importlib.import_module("spdfq_jax.quant.calibrate")
+
+
+def _tiny_swin():
+  return zoo.custom_swin(num_classes=10, img_size=16, patch_size=2, embed_dim=8, depths=(2, 2),
+                         num_heads=(2, 4), window_size=4)
+
+
+def _setup(cfg, module):
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
+  params = params["params"]
+  info = G.model_info(module, params, cfg)
+  blocks = G.apa_block_indices(info, cfg)
+  labels = G.draw_labels(cfg, info)
+  pri = G.draw_priors(module, params, cfg, info, blocks, None)
+  fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
+           "priors": pri if cfg.apa else []}
+  return module, params, info, blocks, G.initial_images(cfg, info), fixed, G.make_plan(cfg, info)
+
+
+def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
+  """The loop's images on a tiny model. With pytest's `monkeypatch`, (images, reads): the
+  loop alone runs under `jax.transfer_guard('disallow')`, and `reads` has one entry per
+  jax.device_get it made. On the CPU backend the guard stops host-to-device transfers
+  only (an implicit read such as float(array) passes there; on an accelerator it raises),
+  so the reads are counted."""
+  module, params, info, blocks, x0, fixed, default = _setup(cfg, module or synth_child.tiny_vit())
+  run = lambda: G.optimise(module, params, cfg, info, blocks, x0, fixed, plan or default,
+                           progress=False, **kw)
+  if monkeypatch is None:
+    return run()
+  reads = []
+  _count_reads(monkeypatch, reads)
+  with jax.transfer_guard("disallow"):
+    return run(), reads
+
+
+def _count_reads(monkeypatch, calls: list) -> None:
+  """Counts explicit device-to-host reads (jax.device_get): one entry in `calls` per call."""
+  real = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
+
+
+def test_synthesis_reads_once_per_block_and_compiles_once(monkeypatch):
+  """8 steps with log_every=3 read the device 3 times ([0,3), [3,6), [6,8)) plus the final
+  images; nothing moves implicitly either way (transfer guard), the step compiles once,
+  and images and per-step terms equal those of a run that reads after every step."""
+  cfg = synth_child.tiny_config("spdfq", iterations=8, warmup=2, log_every=3)
+  steps, made = [], []
+  real_make = G.make_step
+  monkeypatch.setattr(G, "make_step", lambda *a: made.append(real_make(*a)) or made[-1])
+  got, reads = _run(cfg, monkeypatch=monkeypatch, callback=lambda s, t: steps.append((s, t)))
+  assert len(reads) == 4
+  assert made[0]._cache_size() == 1
+  monkeypatch.undo()
+  ref_steps = []
+  ref = _run(synth_child.tiny_config("spdfq", iterations=8, warmup=2, log_every=1),
+             callback=lambda s, t: ref_steps.append((s, t)))
+  np.testing.assert_array_equal(got, ref)
+  assert [s for s, _ in steps] == list(range(8))
+  assert steps == ref_steps
+
+
+def test_nan_in_the_middle_of_a_block_names_its_step():
+  """A NaN learning rate at step 4 makes the images, hence every term, NaN from step 5 on;
+  the block [3, 6) read at once still reports step 5 and its terms."""
+  cfg = synth_child.tiny_config("psaq", iterations=8, warmup=2, log_every=3)
+  _, _, info, _, _, _, plan = _setup(cfg, synth_child.tiny_vit())
+  lr = plan.lr.copy()
+  lr[4] = np.nan
+  with pytest.raises(FloatingPointError, match=r"not finite at step 5: ce=nan, entropy=nan"):
+    _run(cfg, plan=dataclasses.replace(plan, lr=lr))
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_remat_and_microbatches_give_the_same_images(family):
+  """SPDFQ (APA, MSR, SL, batch TV) on 5 images: per-block remat, and 2 micro-batches (the
+  batch padded to 6, the TV on the whole batch), move the pixels as the plain step does."""
+  module = synth_child.tiny_vit() if family == "vit" else _tiny_swin()
+  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=4, warmup=1, **kw)
+  plain = _run(cfg(), module)
+  x0 = _setup(cfg(), module)[4]
+  assert np.abs(plain - x0).max() > 0.1  # the step moves pixels by about lr per step
+  for variant in ({"remat": True}, {"microbatches": 2}):
+    np.testing.assert_allclose(_run(cfg(**variant), module), plain, atol=2e-5, err_msg=variant)
+
+
+def test_remat_is_in_the_compiled_step():
+  """remat really recomputes: the step's program holds a checkpoint (remat) region."""
+  cfg = synth_child.tiny_config("spdfq", remat=True)
+  module, params, info, blocks, x0, fixed, plan = _setup(cfg, synth_child.tiny_vit())
+  net = G.step_module(module, cfg)
+  text = str(jax.make_jaxpr(jax.grad(lambda x: net.apply({"params": params}, x).sum()))(x0))
+  assert "checkpoint" in text or "remat" in text
+  plain = G.step_module(module, synth_child.tiny_config("spdfq"))
+  text = str(jax.make_jaxpr(jax.grad(lambda x: plain.apply({"params": params}, x).sum()))(x0))
+  assert "checkpoint" not in text and "remat" not in text
+
+
+def test_microbatches_split_psaq_only_with_the_per_image_grid():
+  """The batch-wide KDE grid couples the images: refused, naming the field; with the
+  per-image grid the split is exact (to float rounding)."""
+  with pytest.raises(ValueError, match="synth.microbatches"):
+    _run(synth_child.tiny_config("psaq", iterations=2, microbatches=2))
+  cfg = lambda **kw: synth_child.tiny_config("psaq", iterations=4, warmup=1,
+                                             entropy_grid="image", **kw)
+  np.testing.assert_allclose(_run(cfg(microbatches=2)), _run(cfg()), atol=2e-5)
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+  """compute_dtype='bfloat16': images stay float32 and finite; each step's loss terms are
+  within 2% of the float32 run's (bfloat16 keeps 8 significant bits), yet not equal
+  (the matmuls really ran on bfloat16)."""
+  cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=4, warmup=1, **kw)
+  terms = {}
+  for dtype in ("float32", "bfloat16"):
+    log = []
+    x = _run(cfg(compute_dtype=dtype), callback=lambda s, t: log.append(t))
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+    terms[dtype] = log
+  for a, b in zip(terms["float32"], terms["bfloat16"]):
+    for k in a:
+      assert b[k] == pytest.approx(a[k], rel=2e-2, abs=1e-4), k
+  assert terms["float32"][0]["ce"] != terms["bfloat16"][0]["ce"]
+
+
+def test_runtime_fields_are_not_part_of_the_identity():
+  from spdfq_jax.synth import config as synth_config
+  base = synth_child.tiny_config("spdfq")
+  same = synth_child.tiny_config("spdfq", log_every=7, remat=True, microbatches=4)
+  assert synth_config.identity(same) == synth_config.identity(base)
+  assert "compute_dtype" not in synth_config.identity(base)  # as before the field existed
+  other = synth_child.tiny_config("spdfq", compute_dtype="bfloat16")
+  assert synth_config.identity(other) != synth_config.identity(base)
+
+
+@pytest.fixture(scope="module")
+def recon_inputs():
+  module = zoo.custom_vit(img_size=16, patch_size=8, width=16, depth=2, num_heads=2,
+                          num_classes=10)
+  images = np.random.RandomState(0).randn(6, 16, 16, 3).astype(np.float32)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
+  params = jax.tree_util.tree_map(np.asarray, params)
+  cfg = quant.default_config(4, 4, recon_iters=5, w_method="minmax", reparam=False)
+  qstate = C.calibrate(module, params, images, cfg)
+  return module, params, qstate, qmodel.weight_state(params, cfg), images, cfg
+
+
+def test_reconstruction_reads_once_per_block_and_compiles_once_per_unit(recon_inputs,
+                                                                         monkeypatch):
+  """4 units x 5 steps with log_every=2: per unit 3 loss reads ([0,2), [2,4), [4,5)) and
+  one weights check, no implicit transfer; one compilation per unit; the weights equal
+  those of a run that reads after every step."""
+  module, params, qstate, wstate, images, cfg = recon_inputs
+  cfg = cfg.copy_and_resolve_references()
+  cfg.recon.log_every = 2
+  R._step.clear_cache()
+  reads = []
+  _count_reads(monkeypatch, reads)
+  with jax.transfer_guard("disallow"):
+    got, log = R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
+  assert len(reads) == 4 * (3 + 1)
+  assert R._step._cache_size() == 4
+  monkeypatch.undo()
+  cfg.recon.log_every = 1
+  ref, ref_log = R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
+  assert R._step._cache_size() == 4  # log_every is not part of the step
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, ref)
+  assert log == ref_log
