@@ -9,7 +9,9 @@ Adam with cosine decay; weights are fake-quantized inside the loss with frozen r
 Training the unit's other parameters too (biases, LayerNorm affine, tokens, position
 tables) is the default (`recon.train='all'`; 'kernels' trains only the kernels).
 
-With a workdir the loop saves (params, next unit) after every unit and resumes there.
+With a workdir the loop saves (params, next unit) after every unit and resumes there. On
+SIGTERM it stops after the current step: the unit it was training (at most `recon.iters`
+steps) is redone from its start on resume, which gives the same weights as an unbroken run.
 A loss that stops being finite ends the run at once (FloatingPointError naming the unit,
 the step and the last good checkpoint) instead of saving NaN weights.
 """
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from spdfq_jax import checkpoint
+from spdfq_jax import checkpoint, interrupt
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import qmodel
 
@@ -189,6 +191,8 @@ def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params
     trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
                                        qstate, wstate, jax.random.fold_in(key, it), x_q, y_fp)
     pending.append(loss)
+    if interrupt.requested():  # the checkpoint of the last finished unit is the resume point
+      raise interrupt.Stopped(f"reconstruction of unit {name!r}", it + 1)
     if it == 0 or it == r.iters - 1 or it % CHECK_EVERY == 0:
       values = np.asarray(jax.device_get(pending), np.float64)
       bad = first_nonfinite(values)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from spdfq_jax import checkpoint, parallel
+from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.models import taps
 from spdfq_jax.models.swin import SwinTransformer
 from spdfq_jax.synth import losses, priors as priors_lib, regions
@@ -380,7 +380,8 @@ def _config_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigDict) -> None:
-  """npz (images, labels, priors) + config json, written atomically (tmp + rename)."""
+  """diagnostics.json, then the npz (images, labels, priors, diagnostics), each written
+  atomically; the npz last, since a resume takes its presence for a finished set."""
   arrays = {"images": result.images, "classes": result.classes, "targets": result.targets,
             "apa_blocks": np.asarray(result.apa_blocks, np.int32)}
   if result.region_classes is not None:
@@ -389,11 +390,10 @@ def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigD
   for j, p in enumerate(result.priors or []):
     arrays[f"prior_{j}"] = p
   arrays["diagnostics"] = np.asarray(json.dumps(result.diagnostics))
-  tmp = os.path.join(directory, "result.tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, os.path.join(directory, RESULT))
-  with open(os.path.join(directory, DIAGNOSTICS), "w") as f:
-    json.dump(result.diagnostics, f, indent=1)
+  checkpoint.write_text(os.path.join(directory, DIAGNOSTICS),
+                        json.dumps(result.diagnostics, indent=1))
+  with checkpoint.atomic_path(os.path.join(directory, RESULT)) as tmp:
+    np.savez(tmp, **arrays)
 
 
 def load_result(path: str) -> SynthResult:
@@ -416,8 +416,7 @@ def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{directory} holds a synthesis run with another config; "
                        "use a fresh workdir or delete that directory.")
   else:
-    with open(path, "w") as f:
-      f.write(_config_json(cfg))
+    checkpoint.write_text(path, _config_json(cfg))
 
 
 def _finite_or_raise(step: int, terms: dict[str, float]) -> None:
@@ -463,10 +462,10 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
     result.images = optimise(module, params, cfg, info, blocks, x0, fixed, make_plan(cfg, info),
                              directory=directory, progress=progress, callback=callback)
   result.diagnostics = diagnostics(module, params, cfg, info, result)
-  if directory is not None:
-    save_result(directory, result, cfg)
+  if directory is not None:  # result.npz last: its presence means the set is complete
     from spdfq_jax.synth import plots  # PIL only when writing files
     plots.save_figures(directory, module, params, result, cfg, info)
+    save_result(directory, result, cfg)
   return result
 
 
@@ -479,7 +478,8 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
 
   `fixed` holds per-image `targets`, `region_targets` and `priors` (the APA blocks').
   With a `directory`, checkpoints there every `cfg.checkpoint_every` steps and resumes
-  from the newest one.
+  from the newest one; on SIGTERM (`interrupt`) it checkpoints after the current step and
+  raises `interrupt.Stopped`.
   """
   n = x0.shape[0]
   mesh = parallel.data_mesh()
@@ -527,12 +527,15 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
         bar.update(1)
       if callback is not None:
         callback(s, {**terms, **stats})
-      if mgr is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < total:
+      stop = interrupt.requested() and s + 1 < total
+      if mgr is not None and ((s + 1) % cfg.checkpoint_every == 0 or stop) and s + 1 < total:
         g = jax.device_get
         checkpoint.save(mgr, s + 1, {
             "images": np.asarray(g(x))[:n], "mu": np.asarray(g(opt_state.mu))[:n],
             "nu": np.asarray(g(opt_state.nu))[:n],
             "count": np.asarray(g(opt_state.count), np.int32), "step": np.asarray(s + 1, np.int32)})
+      if stop:
+        raise interrupt.Stopped(f"synthesis ({cfg.method})", s + 1)
   finally:
     if bar is not None:
       bar.close()
