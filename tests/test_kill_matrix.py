@@ -4,10 +4,11 @@ the synthetic images of a run that was never interrupted, and every restart resu
 One chain per signal: a run is killed at a point of synthesis, restarted, killed at the
 next point (early, middle and late in synthesis, reconstruction and evaluation), and so on
 until a restart completes. A third chain kills inside an Orbax checkpoint save and inside
-the atomic write of the finished synthesis set. The child (kill_child.py) pauses at the
+the atomic write of the finished synthesis set. The chains run side by side. The child (kill_child.py) pauses at the
 named point, so each kill lands exactly there and the step a restart must resume from is
 known in advance.
 """
+import concurrent.futures
 import json
 import os
 import re
@@ -114,15 +115,16 @@ def _outputs(workdir: str) -> tuple[dict, dict[str, bytes]]:
   return main_child.stable(report), files
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
+@pytest.fixture
+def cache(tmp_path):
+  return str(tmp_path / "jax_cache")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-  """The uninterrupted run's report and synthetic set."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
+@pytest.fixture
+def reference(tmp_path, cache):
+  """The uninterrupted run's report and synthetic set (its compiled programs are cached
+  for the runs that follow)."""
+  workdir = str(tmp_path / "reference")
   rc, out = _run(workdir, _env(cache))
   assert rc == 0, out[-4000:]
   return _outputs(workdir)
@@ -137,11 +139,10 @@ def _assert_same_as_reference(workdir: str, reference) -> None:
     assert data == ref_files[name], f"{name} differs from the uninterrupted run's"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_at_every_stage_and_restarted_gives_the_same_report(tmp_path, cache, reference,
-                                                                    sig):
-  workdir, env = str(tmp_path / "run"), _env(cache)
+def _signal_chain(workdir: str, env: dict, sig: int) -> list[str]:
+  """Kills a run at POINTS[0] with `sig`, restarts it until POINTS[1], ... until a restart
+  completes; checks each restart's resume step. Returns the matrix rows."""
+  name = signal.Signals(sig).name
   rc, out = _run(workdir, env, POINTS[0][1], sig)
   table = []
   for i, (stage, point, after_kill, after_term) in enumerate(POINTS):
@@ -154,31 +155,49 @@ def test_killed_at_every_stage_and_restarted_gives_the_same_report(tmp_path, cac
     following = POINTS[i + 1][1] if i + 1 < len(POINTS) else None
     rc, out = _run(workdir, env, following, sig if following else None)
     step = _resumed_step(stage, out)
-    table.append(f"| {signal.Signals(sig).name} | {stage} | {point} | step {step} |")
+    table.append(f"| {name} | {stage} | {point} | step {step} |")
     assert step == (after_term if sig == signal.SIGTERM else after_kill), table[-1]
   assert rc == 0, out[-4000:]
-  print("\n" + "\n".join(table))
-  _assert_same_as_reference(workdir, reference)
+  return table
 
 
-@pytest.mark.slow
-def test_killed_inside_saves_keeps_the_previous_state(tmp_path, cache, reference):
-  workdir, env = str(tmp_path / "run"), _env(cache)
+def _save_chain(workdir: str, env: dict) -> list[str]:
+  """Kills a run inside the Orbax save of synthesis step 6, restarts it and kills it inside
+  the atomic write of result.npz, restarts it to the end."""
   rc, out = _run(workdir, env, "save synth 6 default", signal.SIGKILL)
   assert rc == -signal.SIGKILL
-  inner = os.path.join(workdir, "synthetic")
-  ckpts = next(os.path.join(r, "checkpoints") for r, dirs, _ in os.walk(inner)
+  ckpts = next(os.path.join(r, "checkpoints")
+               for r, dirs, _ in os.walk(os.path.join(workdir, "synthetic"))
                if "checkpoints" in dirs)
   assert sorted(os.listdir(ckpts)) == ["3", "6.orbax-checkpoint-tmp"]  # killed mid-save
 
   rc, out = _run(workdir, env, "save result.npz", signal.SIGKILL)
-  assert _resumed_step("synthesis", out) == 3  # not the half-saved step 6
-  assert "6.orbax-checkpoint-tmp" not in os.listdir(ckpts)  # cleaned up on opening
+  first = _resumed_step("synthesis", out)
+  assert first == 3  # not the half-saved step 6
+  assert "6.orbax-checkpoint-tmp" not in os.listdir(ckpts)  # removed when reopened
   synth_dir = os.path.dirname(ckpts)
   assert "result.npz" not in os.listdir(synth_dir)
   assert any(n.startswith(".result.npz.") for n in os.listdir(synth_dir))  # killed mid-write
 
   rc, out = _run(workdir, env)
   assert rc == 0, out[-4000:]
-  assert _resumed_step("synthesis", out) == 9  # the set was not taken as finished
-  _assert_same_as_reference(workdir, reference)
+  second = _resumed_step("synthesis", out)
+  assert second == 9  # the unfinished set was not taken as finished
+  return [f"| SIGKILL | synthesis | inside the Orbax save of step 6 | step {first} |",
+          f"| SIGKILL | synthesis | inside the write of result.npz | step {second} |"]
+
+
+@pytest.mark.slow
+def test_killed_anywhere_and_restarted_gives_the_uninterrupted_report(tmp_path, reference, cache):
+  """The three chains run side by side (each in its own workdir)."""
+  env = _env(cache)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    chains = {name: pool.submit(fn, str(tmp_path / name), env, *args)
+              for name, fn, args in (("sigkill", _signal_chain, (signal.SIGKILL,)),
+                                     ("sigterm", _signal_chain, (signal.SIGTERM,)),
+                                     ("saves", _save_chain, ()))}
+    tables = {name: chain.result() for name, chain in chains.items()}
+  print("\n| signal | stage | point | resumed from |\n|---|---|---|---|")
+  print("\n".join(row for rows in tables.values() for row in rows))
+  for name in chains:
+    _assert_same_as_reference(str(tmp_path / name), reference)
