@@ -23,10 +23,12 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import main_child  # noqa: E402  pylint: disable=wrong-import-position
-from spdfq_jax import checkpoint, evaluate, interrupt, main, synth  # noqa: E402  pylint: disable=wrong-import-position
-reconstruct = importlib.import_module("spdfq_jax.quant.reconstruct")  # the module, not the function
-from orbax.checkpoint._src.path import atomicity  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import main_child  # noqa: E402
+from orbax.checkpoint._src.path import atomicity  # noqa: E402
+from spdfq_jax import checkpoint, evaluate, interrupt, main, synth  # noqa: E402
+
+reconstruct = importlib.import_module("spdfq_jax.quant.reconstruct")  # not quant.reconstruct()
 
 PAUSE = sys.argv[2] if len(sys.argv) > 2 else None
 EVAL_SAVE_EVERY = 2

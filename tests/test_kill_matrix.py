@@ -4,9 +4,9 @@ the synthetic images of a run that was never interrupted, and every restart resu
 One chain per signal: a run is killed at a point of synthesis, restarted, killed at the
 next point (early, middle and late in synthesis, reconstruction and evaluation), and so on
 until a restart completes. A third chain kills inside an Orbax checkpoint save and inside
-the atomic write of the finished synthesis set. The chains run side by side. The child (kill_child.py) pauses at the
-named point, so each kill lands exactly there and the step a restart must resume from is
-known in advance.
+the atomic write of the finished synthesis set; the chains run side by side. The child
+(kill_child.py) pauses at the named point, so each kill lands exactly there and the step a
+restart must resume from is known in advance.
 """
 import concurrent.futures
 import json
