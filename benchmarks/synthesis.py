@@ -40,7 +40,7 @@ import optax  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
 from configs import fmnist_w4a4  # noqa: E402
-from spdfq_jax import parallel, synth  # noqa: E402
+from spdfq_jax import checkpoint, parallel, synth  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
@@ -249,9 +249,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
                               progress=False)
           done[key] = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
-          with open(done_path + ".tmp", "w") as f:
-            json.dump(done, f)
-          os.replace(done_path + ".tmp", done_path)
+          checkpoint.write_text(done_path, json.dumps(done))
         acc = done[key]
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
