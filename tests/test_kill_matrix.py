@@ -48,7 +48,7 @@ RESUMED = {
     "reconstruction": r"resumed from checkpoint \S+/quant/recon step (\d+)",
     "evaluation": r"eval inversion W4A4: resumed from \S+ after (\d+) batches",
 }
-TIMEOUT = 300  # seconds for one run of the child
+TIMEOUT = 900  # seconds for one run of the child (a watchdog: a healthy run takes ~15 s)
 
 
 def _env(cache: str) -> dict:
@@ -63,7 +63,8 @@ def _run(workdir: str, env: dict, pause: str = None, sig: int = None) -> tuple[i
   """(exit status, output) of one child run; with `pause`, sent `sig` when it pauses there."""
   proc = subprocess.Popen([sys.executable, CHILD, workdir] + ([pause] if pause else []),
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  watchdog = threading.Timer(TIMEOUT, proc.kill)
+  timed_out = threading.Event()
+  watchdog = threading.Timer(TIMEOUT, lambda: (timed_out.set(), proc.kill()))
   watchdog.start()
   lines, signalled = [], False
   try:
@@ -78,6 +79,7 @@ def _run(workdir: str, env: dict, pause: str = None, sig: int = None) -> tuple[i
     if proc.poll() is None:
       proc.kill()
   out = "".join(lines)
+  assert not timed_out.is_set(), f"the run took over {TIMEOUT} s:\n{out[-3000:]}"
   assert not pause or signalled, f"the run never reached {pause!r}:\n{out[-3000:]}"
   return proc.returncode, out
 
