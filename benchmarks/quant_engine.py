@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from spdfq_jax import data, quant  # noqa: E402
+from spdfq_jax import checkpoint, data, quant  # noqa: E402
 from spdfq_jax.models import native  # noqa: E402
 from spdfq_jax.quant import qmodel  # noqa: E402
 
@@ -178,9 +178,7 @@ def main() -> None:
   results = json.load(open(args.out)) if os.path.exists(args.out) else {}
 
   def save():
-    with open(args.out + ".tmp", "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    checkpoint.write_text(args.out, json.dumps(results, indent=1))
 
   models = args.models.split(",")
   paths = {m: os.path.join(ASSETS, f"{m if m.startswith('scenes') else 'fmnist_' + m}"

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import quant_engine as qe  # noqa: E402
 import step_util  # noqa: E402
 from configs import fmnist_w4a4, scenes_w4a4  # noqa: E402
-from spdfq_jax import synth  # noqa: E402
+from spdfq_jax import checkpoint, synth  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
 from step_util import FMNIST_VIT, machine, timing_model  # noqa: E402,F401
@@ -233,9 +233,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
                               progress=False)
           done[key] = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
-          with open(done_path + ".tmp", "w") as f:
-            json.dump(done, f)
-          os.replace(done_path + ".tmp", done_path)
+          checkpoint.write_text(done_path, json.dumps(done))
         acc = done[key]
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 from tqdm import tqdm
 
-from spdfq_jax import parallel
+from spdfq_jax import interrupt, parallel, report
+
+SAVE_EVERY = 50  # batches between saves of the counts so far (a kill redoes at most these)
 
 
 def _correct_counts(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -51,12 +54,18 @@ def batches_from_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int,
 
 def evaluate(logits_fn: Callable[[jax.Array], jax.Array],
              batches: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
-             total: Optional[int] = None, desc: str = "eval") -> dict:
+             total: Optional[int] = None, desc: str = "eval",
+             progress_path: Optional[str] = None) -> dict:
   """Accuracy (percent) of `logits_fn` over `total` images.
 
   `batches` yields `(images, labels)` of this process's share of the `total` images, in
   batches of `process_batch_size(batch_size)` rows (the last may be short). In a
   single-process run `total` may be None: then every batch is evaluated.
+
+  With `progress_path`, the counts so far are saved there every SAVE_EVERY batches and on
+  SIGTERM (then `interrupt.Stopped` is raised), and a saved file is resumed from: its
+  batches are skipped (read, not evaluated). The counts are integers, so a resumed
+  evaluation gives exactly the numbers of an unbroken one.
   """
   mesh = parallel.data_mesh()
   rows = process_batch_size(batch_size, mesh)
@@ -76,7 +85,13 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array],
   def step(counts, images, labels, valid):
     return counts + _correct_counts(logits_fn(images), labels, valid)
 
-  counts = jax.device_put(np.zeros(2, np.int32), parallel.replicated(mesh))
+  done, init = 0, np.zeros(2, np.int32)
+  saved = report.read_json(progress_path) if progress_path else None
+  if saved is not None:
+    done, init = saved["batches"], np.asarray(saved["counts"], np.int32)
+    logging.info("%s: resumed from %s after %d batches (%d images)", desc, progress_path,
+                 done, saved["count"])
+  counts = jax.device_put(init, parallel.replicated(mesh))
   it = iter(batches)
   last, seen, s = None, 0, 0
   with tqdm(total=share, desc=desc, unit="img", leave=False, disable=index != 0) as bar:
@@ -93,15 +108,26 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array],
           raise ValueError(f"a batch of {k} images, more than the {rows} rows each process "
                            "feeds per step (evaluate.process_batch_size)")
         last = images, labels
+      seen += k
+      s += 1
+      bar.update(k)
+      if s <= done:  # counted before the restart
+        continue
       images, _ = parallel.pad_batch(images, rows)
       labels, _ = parallel.pad_batch(labels, rows)
       valid = np.arange(rows) < k
       previous, counts = counts, step(counts, *parallel.global_batch((images, labels, valid),
                                                                      mesh))
       previous.block_until_ready()  # the host stays at most one batch ahead of the devices
-      seen += k
-      s += 1
-      bar.update(k)
+      stop = interrupt.requested()
+      if progress_path and (s % SAVE_EVERY == 0 or stop):
+        so_far = parallel.to_host(counts)
+        if index == 0:
+          report.write_json(progress_path, {"batches": s, "counts": so_far.tolist(),
+                                            "count": seen})
+          logging.info("%s: progress saved after %d batches", desc, s)
+      if stop:
+        raise interrupt.Stopped(desc, s)
   if share is not None and (seen != share or next(it, None) is not None):
     raise ValueError(f"process {index} was given {'more than ' if seen == share else ''}{seen} "
                      f"evaluation images; its share of the {total} is {share}: give the data "

@@ -6,8 +6,9 @@
 A config may compare several rows (synthesis method x bit setting). Every stage writes
 its output under the workdir in a directory named after a hash of everything that
 determines it, so a restart skips finished stages, resumes the interrupted one
-(synthesis and reconstruction checkpoint themselves), and a changed setting never
-reuses a stale result. The result table goes to report.json / report.md and stdout.
+(synthesis, reconstruction and evaluation save their progress), and a changed setting
+never reuses a stale result. The result table goes to report.json / report.md and stdout.
+SIGTERM stops the run after the current step with its state saved (exit status 143).
 
 Inputs are checked before any stage runs: a bad setting, file or directory stops the run
 with one message (`InputError`) that names the field or file and the fix; a workdir that
@@ -36,7 +37,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from spdfq_jax import data as data_lib
-from spdfq_jax import evaluate, parallel, report
+from spdfq_jax import checkpoint, evaluate, interrupt, parallel, report
 from spdfq_jax.models import zoo
 
 # ----------------------------------------------------------------------------- command line
@@ -120,6 +121,7 @@ _REUSE = flags.DEFINE_bool(
 
 REAL = "real"  # the real-data reference row: training images instead of synthetic ones
 EVAL_FILE = "eval.json"
+EVAL_PROGRESS_FILE = "eval_progress.json"  # the counts of an evaluation so far, for a resume
 CONFIG_FILE = "config.json"
 SET_FILE = "result.npz"  # a calibration set: images (+ labels, priors, diagnostics)
 # Config fields that change no result: a workdir holding a config that differs only in
@@ -425,10 +427,9 @@ def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collection
 def _save_set(directory: str, images: np.ndarray, labels: np.ndarray,
               pre: zoo.Preprocessing) -> None:
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, "result.tmp.npz")
-  np.savez(tmp, images=images, classes=labels)
-  os.replace(tmp, os.path.join(directory, SET_FILE))
   _save_grid(directory, images, pre)
+  with checkpoint.atomic_path(os.path.join(directory, SET_FILE)) as tmp:  # last: marks it done
+    np.savez(tmp, images=images, classes=labels)
 
 
 def read_set(directory: str) -> Optional[tuple[np.ndarray, dict]]:
@@ -505,7 +506,8 @@ def _fp_eval(module, params, data: Data, config, workdir: str, timings: dict) ->
   with timed(timings, "fp_eval"):
     batches, total = data.eval_batches()
     result = evaluate.evaluate(lambda x: apply({"params": params}, x), batches,
-                               config.eval.batch_size, total=total, desc="eval FP")
+                               config.eval.batch_size, total=total, desc="eval FP",
+                               progress_path=os.path.join(workdir, f"fp_eval-{key}.progress.json"))
   result = dict(result, seconds=timings["fp_eval"])
   if jax.process_index() == 0:
     report.write_json(path, result)
@@ -544,7 +546,8 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
     with timed(timings, "evaluate"):
       batches, total = data.eval_batches()
       result = evaluate.evaluate(qmodel.logits, batches, config.eval.batch_size, total=total,
-                                 desc=f"eval {method} W{w_bits}A{a_bits}")
+                                 desc=f"eval {method} W{w_bits}A{a_bits}",
+                                 progress_path=os.path.join(row_dir, EVAL_PROGRESS_FILE))
   else:  # only the export was missing
     result = {"top1": cached["quant_top1"], "top5": cached["quant_top5"],
               "count": cached["eval_count"]}
@@ -572,12 +575,11 @@ def copy_export(config: ml_collections.ConfigDict, export_path: Optional[str]) -
   if not dst or not export_path or jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  try:
-    with open(export_path, "rb") as src, open(dst, "xb") as out:
-      shutil.copyfileobj(src, out)
-  except FileExistsError:
+  if os.path.exists(dst):
     raise InputError(f"export_to={dst!r} exists (appeared during the run); the export is in "
-                     f"{export_path}.") from None
+                     f"{export_path}.")
+  with checkpoint.atomic_path(dst) as tmp:
+    shutil.copyfile(export_path, tmp)
   logging.info("exported to %s", dst)
 
 
@@ -775,8 +777,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, reuse: bool
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    checkpoint.write_text(os.path.join(workdir, CONFIG_FILE),
+                          config.to_json_best_effort(indent=2))
 
 
 def default_workdir(config_arg: str) -> str:
@@ -810,7 +812,8 @@ def main(argv: list[str]) -> None:
   logging.info("config %s -> workdir %s; %d x %s", config_arg, workdir, jax.device_count(),
                jax.devices()[0].device_kind)
   try:
-    out = run(_CONFIG.value, workdir, config_name=config_arg, reuse_workdir=_REUSE.value)
+    with interrupt.stop_on_sigterm():
+      out = run(_CONFIG.value, workdir, config_name=config_arg, reuse_workdir=_REUSE.value)
   except (InputError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
   print()

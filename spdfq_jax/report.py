@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from spdfq_jax import checkpoint
+
 PACKAGES = ("spdfq_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "ml-collections", "tensorflow-datasets", "tensorflow-cpu", "tensorflow")
 
@@ -111,16 +113,10 @@ STAGE_ORDER = ("load", "fp_eval", "real_images", "synthesize", "calibrate", "rep
 def write(workdir: str, report: Mapping[str, Any]) -> tuple[str, str]:
   """Writes report.json and report.md into `workdir` (atomically); returns their paths."""
   json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
-  _atomic_write(json_path, json.dumps(to_jsonable(report), indent=2, sort_keys=False) + "\n")
-  _atomic_write(md_path, markdown(report))
+  checkpoint.write_text(json_path, json.dumps(to_jsonable(report), indent=2, sort_keys=False)
+                        + "\n")
+  checkpoint.write_text(md_path, markdown(report))
   return json_path, md_path
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def to_jsonable(x: Any) -> Any:
@@ -149,7 +145,7 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  _atomic_write(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+  checkpoint.write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
 class MetricsWriter:
@@ -217,4 +213,5 @@ def image_grid(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
 def save_image_grid(path: str, images: np.ndarray, mean: Sequence[float],
                     std: Sequence[float], cols: int = 8) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(image_grid(images, mean, std, cols)).save(path)
+  with checkpoint.atomic_path(path) as tmp:
+    Image.fromarray(image_grid(images, mean, std, cols)).save(tmp)

@@ -36,6 +36,17 @@ def tiny_pipeline(depth: int = 1):
   return stages, c
 
 
+# What may differ between two runs of the same config: where and when they ran.
+VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
+            "load_seconds", "fp_eval_seconds", "machine", "command")
+
+
+def stable(report: dict) -> dict:
+  """The report without VOLATILE fields: what two runs of one config must agree on."""
+  strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE}
+  return dict(strip(report), rows=[strip(r) for r in report["rows"]])
+
+
 def run(workdir: str, num_images: int) -> dict:
   stages, c = tiny_pipeline()
   c.methods, c.num_images, c.export = "inversion", num_images, False

@@ -9,10 +9,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main_child  # noqa: E402  pylint: disable=wrong-import-position
 from spdfq_jax import main  # noqa: E402  pylint: disable=wrong-import-position
 
-# What may differ between two runs of the same config: where and when they ran.
-VOLATILE = ("timings", "row_dir", "synth_dir", "export", "workdir", "date", "total_seconds",
-            "load_seconds", "fp_eval_seconds", "machine", "command")
-
 
 def _run(workdir: str) -> tuple[dict, np.ndarray]:
   stages, c = main_child.tiny_pipeline(depth=2)
@@ -24,14 +20,9 @@ def _run(workdir: str) -> tuple[dict, np.ndarray]:
   return out, np.load(os.path.join(out["synth_dir"], main.SET_FILE))["images"]
 
 
-def _stable(report: dict) -> dict:
-  strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE}
-  return dict(strip(report), rows=[strip(r) for r in report["rows"]])
-
-
 def test_same_config_twice_gives_identical_images_and_report(tmp_path):
   first, images_a = _run(str(tmp_path / "a"))
   second, images_b = _run(str(tmp_path / "b"))
   assert images_a.tobytes() == images_b.tobytes()
-  assert _stable(first) == _stable(second)
+  assert main_child.stable(first) == main_child.stable(second)
   assert "prior_fit" in first and first["quant_top1"] >= 0

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
+from spdfq_jax import checkpoint
 from spdfq_jax.models import zoo
 
 META_KEY = "spdfq_jax"
@@ -52,7 +53,8 @@ def save(path: str, module: zoo.Model, params: Any,
   meta = {**describe(module), **extra}
   if preprocessing is not None:
     meta["preprocessing"] = dataclasses.asdict(preprocessing)
-  save_file(flatten(params), path, metadata={META_KEY: json.dumps(meta)})
+  with checkpoint.atomic_path(path) as tmp:
+    save_file(flatten(params), tmp, metadata={META_KEY: json.dumps(meta)})
 
 
 def read_metadata(path: str) -> Optional[dict]:

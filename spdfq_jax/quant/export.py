@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from spdfq_jax import checkpoint
 from spdfq_jax.models import native
 from spdfq_jax.quant import qmodel
 from spdfq_jax.quant import quantizers as Q
@@ -81,7 +82,8 @@ def save(path: str, qm: qmodel.QuantizedModel) -> dict:
     tensors["quant/" + key] = np.asarray(value, np.float32)
   meta = {**native.describe(qm.module), "config": qm.cfg.to_dict(), "packed": packed,
           "scale_shapes": {k: list(np.shape(v)) for k, v in ws.items()}}
-  save_file(tensors, path, metadata={META_KEY: json.dumps(meta)})
+  with checkpoint.atomic_path(path) as tmp:
+    save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
   return sizes(qm, path)
 
 

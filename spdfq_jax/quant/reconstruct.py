@@ -9,7 +9,9 @@ Adam with cosine decay; weights are fake-quantized inside the loss with frozen r
 Training the unit's other parameters too (biases, LayerNorm affine, tokens, position
 tables) is the default (`recon.train='all'`; 'kernels' trains only the kernels).
 
-With a workdir the loop saves (params, next unit) after every unit and resumes there.
+With a workdir the loop saves (params, next unit) after every unit and resumes there. On
+SIGTERM it stops after the current step: the unit it was training (at most `recon.iters`
+steps) is redone from its start on resume, which gives the same weights as an unbroken run.
 A loss that stops being finite ends the run at once (FloatingPointError naming the unit,
 the step and the last good checkpoint) instead of saving NaN weights.
 """
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from spdfq_jax import checkpoint
+from spdfq_jax import checkpoint, interrupt
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import qmodel
 
@@ -221,10 +223,12 @@ def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params
   bar = tqdm(total=r.iters, desc=f"recon {name}", leave=False, disable=not progress)
   for start in range(0, r.iters, r.log_every):
     pending = []
-    for key in keys[start:start + r.log_every]:
+    for i, key in enumerate(keys[start:start + r.log_every]):
       trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
                                          qstate, wstate, key, x_q, y_fp)
       pending.append(loss)
+      if interrupt.requested():  # the checkpoint of the last finished unit is the resume point
+        raise interrupt.Stopped(f"reconstruction of unit {name!r}", start + i + 1)
     values = np.asarray(jax.device_get(_stack(pending)), np.float64)
     bad = first_nonfinite(values)
     if bad is not None:

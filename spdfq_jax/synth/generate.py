@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from spdfq_jax import checkpoint, parallel
+from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.models import taps
 from spdfq_jax.models.swin import SwinTransformer
 from spdfq_jax.synth import config as synth_config, losses, priors as priors_lib, regions
@@ -488,7 +488,8 @@ def _config_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigDict) -> None:
-  """npz (images, labels, priors) + config json, written atomically (tmp + rename)."""
+  """diagnostics.json, then the npz (images, labels, priors, diagnostics), each written
+  atomically; the npz last, since a resume takes its presence for a finished set."""
   arrays = {"images": result.images, "classes": result.classes, "targets": result.targets,
             "apa_blocks": np.asarray(result.apa_blocks, np.int32)}
   if result.region_classes is not None:
@@ -497,11 +498,10 @@ def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigD
   for j, p in enumerate(result.priors or []):
     arrays[f"prior_{j}"] = p
   arrays["diagnostics"] = np.asarray(json.dumps(result.diagnostics))
-  tmp = os.path.join(directory, "result.tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, os.path.join(directory, RESULT))
-  with open(os.path.join(directory, DIAGNOSTICS), "w") as f:
-    json.dump(result.diagnostics, f, indent=1)
+  checkpoint.write_text(os.path.join(directory, DIAGNOSTICS),
+                        json.dumps(result.diagnostics, indent=1))
+  with checkpoint.atomic_path(os.path.join(directory, RESULT)) as tmp:
+    np.savez(tmp, **arrays)
 
 
 def load_result(path: str) -> SynthResult:
@@ -525,13 +525,8 @@ def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
                        "use a fresh workdir or delete that directory.")
   else:
     parallel.barrier(f"synthesis config checked: {directory}")  # every process read it first
-    parallel.on_primary(f"synthesis config written: {directory}", _write_text, path,
+    parallel.on_primary(f"synthesis config written: {directory}", checkpoint.write_text, path,
                         _config_json(cfg))
-
-
-def _write_text(path: str, text: str) -> None:
-  with open(path, "w") as f:
-    f.write(text)
 
 
 def _finite_or_raise(start: int, terms: dict[str, np.ndarray]) -> None:
@@ -590,9 +585,9 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
 
 def _save_files(directory: str, module, params: Any, result: SynthResult,
                 cfg: ml_collections.ConfigDict, info: ModelInfo) -> None:
-  save_result(directory, result, cfg)
   from spdfq_jax.synth import plots  # PIL only when writing files
   plots.save_figures(directory, module, params, result, cfg, info)
+  save_result(directory, result, cfg)  # last: its presence means the set is complete
 
 
 def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
@@ -604,7 +599,8 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
 
   `fixed` holds per-image `targets`, `region_targets` and `priors` (the APA blocks').
   With a `directory`, checkpoints there every `cfg.checkpoint_every` steps and resumes
-  from the newest one.
+  from the newest one; on SIGTERM (`interrupt`) it checkpoints after the current step and
+  raises `interrupt.Stopped`.
   """
   n = x0.shape[0]
   mesh = parallel.data_mesh()
@@ -649,8 +645,12 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
   try:
     saves = cfg.checkpoint_every if mgr is not None else total
     for first, end in fetch_points(start, total, cfg.log_every, saves):
-      for _ in range(first, end):
+      stop = False
+      for s in range(first, end):
         x, opt_state, t, log = step_fn(params, x, opt_state, fixed, table, t, log)
+        if interrupt.requested() and s + 1 < total:  # SIGTERM: save after this step, stop
+          end, stop = s + 1, True
+          break
       # The block's steps sit in rows first % K .. (end - 1) % K: one fetch for all of them.
       rows = slice(first % cfg.log_every, first % cfg.log_every + end - first)
       got = jax.device_get(log)
@@ -662,10 +662,12 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       if callback is not None:
         for i in range(end - first):
           callback(first + i, {k: float(v[i]) for k, v in values.items()})
-      if mgr is not None and end % cfg.checkpoint_every == 0 and end < total:
+      if mgr is not None and (end % cfg.checkpoint_every == 0 or stop) and end < total:
         checkpoint.save(mgr, end, {  # global arrays: every process writes its own rows
             "images": x[:n], "mu": opt_state.mu[:n], "nu": opt_state.nu[:n],
             "count": opt_state.count, "step": np.asarray(end, np.int32)})
+      if stop:
+        raise interrupt.Stopped(f"synthesis ({cfg.method})", end)
   finally:
     if bar is not None:
       bar.close()

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
+from spdfq_jax import checkpoint
+
 
 def denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """Normalised NHWC -> uint8 pixels (grey images become RGB)."""
@@ -37,7 +39,12 @@ def tile_grid(tiles: list[np.ndarray], ncol: int, pad: int = 2) -> np.ndarray:
 def image_grid(images: np.ndarray, mean, std, path: str, ncol: int = 8, tile: int = 96) -> None:
   """Writes the de-normalised images as one PNG grid."""
   tiles = [_upscale(t, tile) for t in denormalise(images, mean, std)]
-  Image.fromarray(tile_grid(tiles, min(ncol, len(tiles)))).save(path)
+  _save_png(tile_grid(tiles, min(ncol, len(tiles))), path)
+
+
+def _save_png(pixels: np.ndarray, path: str) -> None:
+  with checkpoint.atomic_path(path) as tmp:
+    Image.fromarray(pixels).save(tmp)
 
 
 def heatmap(values: np.ndarray, size: int) -> np.ndarray:
@@ -64,7 +71,7 @@ def attention_figure(images: np.ndarray, prior: np.ndarray, achieved: np.ndarray
   size = max(max(t.shape[:2]) for t in tiles)
   tiles = [np.pad(t, ((0, size - t.shape[0]), (0, size - t.shape[1]), (0, 0)),
                   constant_values=255) for t in tiles]
-  Image.fromarray(tile_grid(tiles, 1 + 2 * h)).save(path)
+  _save_png(tile_grid(tiles, 1 + 2 * h), path)
 
 
 def _caption(tile: np.ndarray, text: str) -> np.ndarray:

@@ -54,10 +54,8 @@ def convert(src: str, dst: str, arch: Optional[str] = None, pre: Optional[str] =
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists: choose another path, or pass --overwrite.")
   module, params = models.load(arch or None, src)
-  tmp = dst + ".tmp"
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  native.save(tmp, module, params, preprocessing(pre, arch), source=os.path.basename(src))
-  os.replace(tmp, dst)
+  native.save(dst, module, params, preprocessing(pre, arch), source=os.path.basename(src))
   models.load(None, dst)  # what was written loads back
   size = os.path.getsize(dst) / 2 ** 20
   return f"wrote {dst} ({size:.1f} MiB): {arch_lib.module_spec(module)}"
