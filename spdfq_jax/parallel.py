@@ -77,7 +77,10 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
   def put(x):
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    if jax.process_count() == 1:  # an explicit transfer: allowed under a transfer guard
+      return jax.device_put(x, sharding)
+    with jax.transfer_guard_host_to_device("allow"):  # placing these rows is the point here
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree_util.tree_map(put, tree)
 
@@ -96,19 +99,21 @@ def global_batch(tree: Any, mesh: Mesh) -> Any:
   """One batch-sharded global array per leaf, from this process's block of rows (every
   process passes the same number of rows: the batch divided by the process count)."""
   sharding = batch_sharding(mesh)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+  def put(x):
+    with jax.transfer_guard_host_to_device("allow"):  # placing these rows is the point here
+      return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  return jax.tree_util.tree_map(put, tree)
 
 
 def to_host(tree: Any) -> Any:
   """numpy values of a pytree; an array spread over several processes is gathered from
   all of them, so in a multi-process run every process must call this together."""
-  def get(x):
+  def get(x):  # explicit reads (jax.device_get): allowed under a transfer guard
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x.addressable_data(0)))
       return multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
+    return np.asarray(jax.device_get(x))
   return jax.tree_util.tree_map(get, tree)
 
 
