@@ -105,7 +105,8 @@ def test_two_processes_match_one(tmp_path):
             if not os.path.basename(w).startswith(".write-test-") and not _orbax_internal(w)]
   assert others == [] and multi[1]["exports"] == [], (others, multi[1]["exports"])
   assert len(multi[0]["exports"]) == 2
-  assert any(w.endswith("report.json.tmp") for w in multi[0]["writes"])
+  # (atomic writes: a temporary name beside the file, then a rename)
+  assert any(os.path.basename(w).startswith(".report.json.") for w in multi[0]["writes"])
 
   report_2x2, images_2x2 = _read(tmp_path / "multi")
   report_1x4, images_1x4 = _read(tmp_path / "single")

@@ -664,6 +664,7 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       if callback is not None:
         for i in range(end - first):
           callback(first + i, {k: float(v[i]) for k, v in values.items()})
+      stop = stop or (interrupt.requested() and end < total)  # also one that came meanwhile
       if mgr is not None and (end % cfg.checkpoint_every == 0 or stop) and end < total:
         checkpoint.save(mgr, end, {  # global arrays: every process writes its own rows
             "images": x[:n], "mu": opt_state.mu[:n], "nu": opt_state.nu[:n],
