@@ -168,3 +168,13 @@ def paper_model_config(model: str, arg: Optional[str]) -> ml_collections.ConfigD
   c = get_config(model, w_bits=w, a_bits=a)
   c.title = f"{MODELS[model]} SPDFQ W{w}A{a}"
   return c
+
+
+def comparison(c: ml_collections.ConfigDict, title: str) -> ml_collections.ConfigDict:
+  """A single-method config turned into the all-sources table: every calibration source
+  (noise, inversion, PSAQ-ViT, SPDFQ, real images) at W4A4 and W3A3."""
+  c.title = title
+  c.methods = "noise,inversion,psaq,spdfq,real"
+  c.bits = "w4a4,w3a3"
+  c.paper_top1 = None
+  return c

@@ -19,9 +19,5 @@ from configs import fmnist_w4a4  # pylint: disable=g-import-not-at-top,wrong-imp
 
 
 def get_config(arg=None):
-  c = fmnist_w4a4.get_config(arg)
-  c.title = "Fashion-MNIST ViT: calibration sources at W4A4 and W3A3"
-  c.methods = "noise,inversion,psaq,spdfq,real"
-  c.bits = "w4a4,w3a3"
-  c.paper_top1 = None
-  return c
+  return common.comparison(fmnist_w4a4.get_config(arg),
+                           "Fashion-MNIST ViT: calibration sources at W4A4 and W3A3")

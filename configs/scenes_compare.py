@@ -11,13 +11,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import scenes_w4a4  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg=None):
-  c = scenes_w4a4.get_config(arg)
-  c.title = "Fashion-MNIST scenes ViT: calibration sources at W4A4 and W3A3"
-  c.methods = "noise,inversion,psaq,spdfq,real"
-  c.bits = "w4a4,w3a3"
-  c.paper_top1 = None
-  return c
+  return common.comparison(scenes_w4a4.get_config(arg),
+                           "Fashion-MNIST scenes ViT: calibration sources at W4A4 and W3A3")

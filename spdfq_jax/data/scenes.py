@@ -173,10 +173,10 @@ def load_with_boxes(split: str = "test", data_dir: Optional[str] = None,
   images, boxes = make(items, seed, split, indices)
   labels = labels if indices is None else labels[np.asarray(indices)]
   if path:
+    from spdfq_jax import checkpoint  # pylint: disable=g-import-not-at-top
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images, labels=labels, boxes=boxes)
-    os.replace(tmp, path)
+    with checkpoint.atomic_path(path) as tmp:
+      np.savez(tmp, images=images, labels=labels, boxes=boxes)
   return images, labels, boxes
 
 
