@@ -312,11 +312,12 @@ class Data:
       if module.num_classes != bed.NUM_CLASSES:
         raise InputError(f"data.name={c.data.name} has {bed.NUM_CLASSES} classes; "
                          f"the model predicts {module.num_classes}.")
-      for split in ("test", "train") if need_train else ("test",):
-        try:
-          bed.check(split, c.data.dir or None)
-        except (FileNotFoundError, ValueError) as e:
-          raise InputError(f"data.dir={c.data.dir!r}: {e}") from e
+      try:  # the evaluation split is read here once, and kept for eval_batches
+        self._test_bed_test = bed.load("test", c.data.dir or None, self.channels)
+        if need_train:
+          bed.check("train", c.data.dir or None)
+      except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"data.dir={c.data.dir!r}: {e}") from e
       return
     if self.channels != 3:
       raise InputError(f"the model takes {self.channels}-channel images; data.name={c.data.name}"
