@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from spdfq_jax import quant
+from spdfq_jax import parallel, quant
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import qmodel
 
@@ -42,10 +42,10 @@ def _setup(cfg, module):
 
 def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
   """The loop's images on a tiny model. With pytest's `monkeypatch`, (images, reads): the
-  loop alone runs under `jax.transfer_guard('disallow')`, and `reads` has one entry per
-  jax.device_get it made. On the CPU backend the guard stops host-to-device transfers
-  only (an implicit read such as float(array) passes there; on an accelerator it raises),
-  so the reads are counted."""
+  loop alone runs under `jax.transfer_guard('disallow')`, and `reads` lists every
+  device-to-host read it made (`_count_reads`). On the CPU backend the guard stops
+  host-to-device transfers only (an implicit read such as float(array) passes there; on an
+  accelerator it raises), so the reads are counted."""
   module, params, info, blocks, x0, fixed, default = _setup(cfg, module or synth_child.tiny_vit())
   run = lambda: G.optimise(module, params, cfg, info, blocks, x0, fixed, plan or default,
                            progress=False, **kw)
@@ -57,10 +57,50 @@ def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
     return run(), reads
 
 
+class _CountingNumpy:
+  """numpy, except that np.asarray / np.array of a jax.Array is recorded as a read."""
+
+  def __init__(self, calls: list):
+    self._calls = calls
+
+  def __getattr__(self, name):
+    real = getattr(np, name)
+    if name not in ("asarray", "array"):
+      return real
+    def convert(a, *args, **kwargs):
+      if isinstance(a, jax.Array):
+        self._calls.append(f"np.{name}{a.shape}")
+      return real(a, *args, **kwargs)
+    return convert
+
+
 def _count_reads(monkeypatch, calls: list) -> None:
-  """Counts explicit device-to-host reads (jax.device_get): one entry in `calls` per call."""
-  real = jax.device_get
-  monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
+  """Records every device-to-host read in `calls`: one entry per jax.device_get (however
+  many leaves it fetches), one per implicit read of an array's value outside it (float(),
+  bool(), int(), format, tolist: jax.Array._value), and one per np.asarray / np.array of a
+  jax.Array in the loop modules (numpy reads a CPU array through the buffer protocol,
+  past jax)."""
+  from jax._src import array as jax_array
+  inside = []
+  real_get, value = jax.device_get, jax_array.ArrayImpl.__dict__["_value"]
+
+  def device_get(x):
+    calls.append("device_get")
+    inside.append(1)
+    try:
+      return real_get(x)
+    finally:
+      inside.pop()
+
+  def read(self):
+    if not inside and self._npy_value is None:
+      calls.append(f"implicit{self.shape}")
+    return value.fget(self)
+
+  monkeypatch.setattr(jax, "device_get", device_get)
+  monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
+  for module in (G, R, parallel):
+    monkeypatch.setattr(module, "np", _CountingNumpy(calls))
 
 
 def test_synthesis_reads_once_per_block_and_compiles_once(monkeypatch):
@@ -72,7 +112,7 @@ def test_synthesis_reads_once_per_block_and_compiles_once(monkeypatch):
   real_make = G.make_step
   monkeypatch.setattr(G, "make_step", lambda *a: made.append(real_make(*a)) or made[-1])
   got, reads = _run(cfg, monkeypatch=monkeypatch, callback=lambda s, t: steps.append((s, t)))
-  assert len(reads) == 4
+  assert reads == ["device_get"] * 4
   assert made[0]._cache_size() == 1
   monkeypatch.undo()
   ref_steps = []
@@ -180,7 +220,7 @@ def test_reconstruction_reads_once_per_block(recon_inputs, monkeypatch):
   _count_reads(monkeypatch, reads)
   with jax.transfer_guard("disallow"):
     got, log = R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
-  assert len(reads) == 4 * (3 + 1)
+  assert reads == ["device_get"] * 4 * (3 + 1)
   monkeypatch.undo()
   cfg.recon.log_every = 1
   ref, ref_log = R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
