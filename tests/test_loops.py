@@ -1,4 +1,4 @@
-"""The synthesis and reconstruction loops on an accelerator's terms: no transfer per step
+"""The synthesis, reconstruction and evaluation loops on an accelerator's terms: no transfer per step
 (checked with jax's transfer guard and a count of explicit reads), one compilation per
 shape, and the memory / precision options of the synthesis step (remat, microbatches,
 bfloat16 matmuls) against the plain step."""
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from spdfq_jax import parallel, quant
+from spdfq_jax import evaluate, parallel, quant
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import qmodel
 
@@ -99,7 +99,7 @@ def _count_reads(monkeypatch, calls: list) -> None:
 
   monkeypatch.setattr(jax, "device_get", device_get)
   monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
-  for module in (G, R, parallel):
+  for module in (G, R, evaluate, parallel):
     monkeypatch.setattr(module, "np", _CountingNumpy(calls))
 
 
@@ -233,3 +233,22 @@ def test_reconstruction_compiles_once_per_unit(recon_inputs):
   R._step.clear_cache()
   R.reconstruct(module, params, qstate, wstate, images, cfg, progress=False)
   assert R._step._cache_size() == 4
+
+
+def test_evaluation_reads_once(monkeypatch):
+  """7 batches (the last short) are counted on the device and read once, at the end; the
+  counts equal numpy's on the same logits."""
+  rng = np.random.RandomState(0)
+  w = rng.randn(12, 10).astype(np.float32)
+  images = rng.randn(55, 12).astype(np.float32)
+  labels = rng.randint(0, 10, 55).astype(np.int32)
+  batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 55, 8)]
+  reads = []
+  _count_reads(monkeypatch, reads)
+  with jax.transfer_guard("disallow"):
+    got = evaluate.evaluate(lambda x: x @ w, batches, batch_size=8, total=55)
+  assert reads == ["device_get"]
+  monkeypatch.undo()
+  top5 = np.argsort(-(images @ w), axis=1)[:, :5]
+  assert got["top1"] == pytest.approx(100 * np.mean(top5[:, 0] == labels))
+  assert got["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
