@@ -14,7 +14,8 @@
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
       `--bed scenes` the scenes test bed (48x48 RGB, asset scenes_<family>) instead;
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
-      `--quant recon_iters=20,...` overrides quantization settings; `--eval-split train10k`
+      `--quant recon_iters=20,...` overrides quantization settings; `--compute-dtype bfloat16`
+      synthesises with bfloat16 matmuls; `--eval-split train10k`
       scores on the last 10,000 training images, to compare settings without the test split.
       Accuracies are kept in WORKROOT/accuracy.json: a rerun only adds what is missing.
 Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
@@ -127,14 +128,17 @@ def bed_data(bed: str):
 
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
-                  prior: str = "gmm") -> tuple[np.ndarray, dict]:
+                  prior: str = "gmm", compute_dtype: str = "float32"
+                  ) -> tuple[np.ndarray, dict]:
   """The 32 calibration images of one source and their `diagnostics` (class and prior fit;
-  empty for real images); synthetic sets are cached under workroot by a
-  tag of (family, row, seed, iterations, ablation, alpha1, prior), so `synthesize` (e.g. on
-  a GPU) and `accuracy` (here) share them."""
+  empty for real images); synthetic sets are cached under workroot by a tag of (family, row,
+  seed, iterations, ablation, alpha1, prior, compute dtype), so `synthesize` (e.g. on a GPU)
+  and `accuracy` (here) share them."""
   data = bed_data(bed)
   if row == "real":
     return data.calibration_images(32, seed, None, channels)[0], {}
+  if row == "noise":  # no model evaluation: the same images in any precision
+    compute_dtype = "float32"
   cfg = synth.default_config(row, family)
   mean, std = np.broadcast_to(data.MEAN, (channels,)), np.broadcast_to(data.STD, (channels,))
   cfg.update(seed=seed, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
@@ -146,6 +150,7 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
   if alpha1 is not None:
     cfg.alpha1 = alpha1
+  cfg.compute_dtype = compute_dtype
   real_prior_images = None
   if prior != "gmm" and cfg.apa:
     cfg.prior = prior
@@ -155,7 +160,8 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
   tag = (("" if bed == "fmnist" else f"{bed}-") + f"{family}-{row}-{seed}-{iterations}" + abl_tag
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
-         + (f"-{prior}" if cfg.prior != "gmm" else ""))
+         + (f"-{prior}" if cfg.prior != "gmm" else "")
+         + (f"-{compute_dtype}" if compute_dtype != "float32" else ""))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                           progress=False, real_images=real_prior_images)
@@ -188,7 +194,8 @@ def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
 
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
                    ablation: str, workroot: str, alpha1: float | None = None,
-                   prior: str = "gmm", bed: str = "fmnist") -> None:
+                   prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32"
+                   ) -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
@@ -196,14 +203,15 @@ def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[st
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
       source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
-                    channels, bed, prior)
+                    channels, bed, prior, compute_dtype)
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
                  alpha1: float | None = None, preset: str = "full",
                  quant_overrides: dict | None = None, eval_split: str = "test",
-                 prior: str = "gmm", bed: str = "fmnist") -> None:
+                 prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32"
+                 ) -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
@@ -221,13 +229,15 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   for row, abl in variants(rows, ablation):
     for seed in seeds:
       images, diag = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                                   alpha1, channels, bed, prior)
+                                   alpha1, channels, bed, prior, compute_dtype)
       if diag:
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
       for w, a in bits:
         key = json.dumps([family, row, abl, seed, iterations, alpha1, prior, w, a, preset,
-                          quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed]))
+                          quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed])
+                         + ([] if compute_dtype == "float32" or row in ("noise", "real")
+                            else [compute_dtype]))
         if key not in done:
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
@@ -317,6 +327,8 @@ def main() -> None:
   p.add_argument("--eval-split", default="test", choices=["test", "train10k"],
                  help="train10k = the last 10,000 training images, for choosing settings "
                       "without the test split")
+  p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="synth.compute_dtype: the synthesis step's matmul precision")
   a = p.parse_args()
   seeds = [int(s) for s in a.seeds.split(",")]
   rows = [r for r in a.rows.split(",") if r]
@@ -324,11 +336,12 @@ def main() -> None:
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   elif a.what == "synthesize":
     run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                   a.prior, a.bed)
+                   a.prior, a.bed, a.compute_dtype)
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                 a.preset, parse_overrides(a.quant), a.eval_split, a.prior, a.bed)
+                 a.preset, parse_overrides(a.quant), a.eval_split, a.prior, a.bed,
+                 a.compute_dtype)
 
 
 if __name__ == "__main__":
