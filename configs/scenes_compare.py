@@ -4,7 +4,7 @@
 
 Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), and 32
 real training scenes as the upper reference; all through scale reparameterisation and
-block-wise reconstruction. `benchmarks/synthesis.py accuracy --model scenes_vit` measures
+block-wise reconstruction. `benchmarks/synthesis.py accuracy --bed scenes` measures
 the same comparison over seeds; README.md and BENCHMARKS.md hold its tables.
 """
 import os
