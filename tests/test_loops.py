@@ -1,7 +1,7 @@
-"""The synthesis, reconstruction and evaluation loops on an accelerator's terms: no transfer per step
-(checked with jax's transfer guard and a count of explicit reads), one compilation per
-shape, and the memory / precision options of the synthesis step (remat, microbatches,
-bfloat16 matmuls) against the plain step."""
+"""The synthesis, reconstruction and evaluation loops on an accelerator's terms: no
+transfer per step (checked with jax's transfer guard and a count of every device-to-host
+read), one compilation per shape, and the memory / precision options of the synthesis step
+(remat, microbatches, bfloat16 matmuls) against the plain step."""
 import dataclasses
 import importlib
 import os
