@@ -43,7 +43,7 @@ from configs import fmnist_w4a4, scenes_w4a4  # noqa: E402
 from spdfq_jax import checkpoint, synth  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
-from step_util import FMNIST_VIT, machine, timing_model  # noqa: E402,F401
+from step_util import machine, timing_model  # noqa: E402
 # Test bed -> (asset name prefix, data module, the demo config's synthesis settings).
 BEDS = {"fmnist": ("fmnist", "fashion_mnist", fmnist_w4a4.SYNTH),
         "scenes": ("scenes", "scenes", scenes_w4a4.SYNTH)}
