@@ -1,11 +1,11 @@
 """Is APA achieved? Class fit and prior fit of SPDFQ images over alpha1 and step count.
 
   python benchmarks/apa_fit.py [--families vit,swin] [--alphas 0,100,1000,10000,100000]
-      [--iterations 100,300] [--num-images 8] [--seed 0]
+      [--iterations 100,300] [--num-images 8] [--seed 0] [--bed fmnist|scenes]
 
-For every (family, iterations, alpha1) it synthesises SPDFQ images on the built-in
-Fashion-MNIST model with the demo's settings (configs/fmnist_w4a4.py; alpha1 0 = APA off,
-the priors still drawn and measured) and prints, from `SynthResult.diagnostics`:
+For every (family, iterations, alpha1) it synthesises SPDFQ images on a built-in test bed's
+model with that bed's settings (configs/fmnist_w4a4.py or configs/scenes_w4a4.py; alpha1 0 =
+APA off, the priors still drawn and measured) and prints, from `SynthResult.diagnostics`:
 class fit (share of images, and of MSR regions, the FP model assigns to their targets),
 prior fit (mean Pearson correlation of the APA blocks' CLS attention with the priors) and
 its chance level (the same against priors the images never saw), per-block prior fit, and
@@ -23,23 +23,26 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 import quant_engine as qe  # noqa: E402
-from configs import fmnist_w4a4  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
-from spdfq_jax.data import fashion_mnist as fm  # noqa: E402
-from synthesis import load_asset, machine  # noqa: E402
+from synthesis import BEDS, bed_data, load_asset, machine  # noqa: E402
 
 
 def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: int,
-            workroot: str) -> dict:
-  module, params, _ = load_asset(family)
+            workroot: str, bed: str = "fmnist") -> dict:
+  module, params, _ = load_asset(family, bed)
   channels = qe.in_channels(params)
+  data = bed_data(bed)
   cfg = synth.default_config("spdfq", family)
-  cfg.update(**fmnist_w4a4.SYNTH)
-  cfg.update(seed=seed, num_images=num_images, mean=(fm.MEAN,) * channels,
-             std=(fm.STD,) * channels, iterations=iterations,
+  cfg.update(**BEDS[bed][2])
+  cfg.update(seed=seed, num_images=num_images,
+             mean=tuple(map(float, np.broadcast_to(data.MEAN, (channels,)))),
+             std=tuple(map(float, np.broadcast_to(data.STD, (channels,)))), iterations=iterations,
              warmup=max(1, iterations // 10), alpha1=float(alpha1) or 1.0, apa=alpha1 > 0)
-  tag = f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}"
+  tag = (("" if bed == "fmnist" else f"{bed}-")
+         + f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}")
   t = time.perf_counter()
   res = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag), progress=False)
   return dict(res.diagnostics, seconds=time.perf_counter() - t)
@@ -53,15 +56,16 @@ def main() -> None:
   p.add_argument("--num-images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workroot", default="runs/apa_fit")
+  p.add_argument("--bed", default="fmnist", choices=sorted(BEDS))
   a = p.parse_args()
-  print(f"Machine: {machine()}; {a.num_images} images, seed {a.seed}\n")
+  print(f"Machine: {machine()}; {a.bed} bed, {a.num_images} images, seed {a.seed}\n")
   print("| model | steps | alpha1 | class fit (images / regions) | prior fit | chance "
         "| prior fit per block | s |")
   print("|---|---|---|---|---|---|---|---|")
   for family in a.families.split(","):
     for iterations in (int(v) for v in a.iterations.split(",")):
       for alpha1 in (float(v) for v in a.alphas.split(",")):
-        d = fit_row(family, alpha1, iterations, a.num_images, a.seed, a.workroot)
+        d = fit_row(family, alpha1, iterations, a.num_images, a.seed, a.workroot, a.bed)
         per_block = " / ".join(f"{sum(b) / len(b):.2f}" for b in d["prior_fit_per_block"])
         print(f"| {family} | {iterations} | {alpha1:g} | {100 * d['class_fit']:.0f}% / "
               f"{100 * d.get('region_class_fit', float('nan')):.0f}% | {d['prior_fit']:.3f} | "

@@ -2,7 +2,7 @@
 child process, with and without `remat` / `microbatches`.
 
   python benchmarks/memory.py [--models deit_small_patch16_224,vit_base_patch16_224,
-      swin_base_patch4_window7_224] [--batch 32] [--variants plain,remat,micro4,remat+micro4]
+      swin_base_patch4_window7_224] [--batch 32] [--variants plain,remat,micro4,micro8,remat+micro4]
       [--limit-gb 14]
 
 Each child builds the registry model with random weights at 224 x 224, compiles the
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GB = 2 ** 30
 VARIANTS = {"plain": (False, 1), "remat": (True, 1), "micro4": (False, 4),
-            "remat+micro4": (True, 4)}
+            "micro8": (False, 8), "remat+micro4": (True, 4)}
 
 
 def peak_rss() -> float:
