@@ -223,3 +223,68 @@ def test_run_diagnostics_measure_class_and_prior_fit():
   chance = [[[np.corrcoef(np.asarray(attns[l])[i, j, 0, 1:], p[i, j])[0, 1] for j in range(2)]
              for i in range(3)] for l, p in zip(res.apa_blocks, fresh)]
   np.testing.assert_allclose(d["prior_fit_chance"], np.mean(chance), atol=1e-4)
+
+
+def _pixel_oracle(prior: np.ndarray, grid: int, patch: int, shift: int, flip: bool
+                  ) -> np.ndarray:
+  """A prior moved as the image is: painted onto the pixels (each cell a patch), rolled and
+  flipped by the image jitter itself (`augment`), then read back as one value per patch."""
+  lead = prior.shape[:-1]
+  cells = prior.reshape(-1, grid, grid)
+  pixels = np.repeat(np.repeat(cells, patch, 1), patch, 2)[..., None]  # (N, S, S, 1)
+  moved = np.asarray(G.augment(jnp.asarray(pixels), jnp.int32(shift), jnp.bool_(flip)))
+  back = moved[..., 0].reshape(-1, grid, patch, grid, patch).mean((2, 4))
+  return back.reshape(lead + (grid * grid,))
+
+
+@pytest.mark.parametrize("shift,whole,flip", [
+    (4, 4, False), (-8, -8, True), (5, 4, True),  # 5 px = 1.25 cells -> 1 cell
+    (-7, -8, False),  # -1.75 cells -> -2 cells
+])
+def test_priors_follow_the_jitter_of_the_image(shift, whole, flip):
+  """`apa_follows_jitter`: the priors cover the same pixels after the step's roll and flip
+  as before, to the nearest patch; and the APA term uses them. Rules out a roll by pixels
+  instead of cells, a roll of one axis only, a flip of the height, a missing flip, and APA
+  still reading the unmoved priors."""
+  module, params = _tiny_vit(4)  # 16 x 16 px, 4 px patches: a 4 x 4 grid
+  cfg = synth.default_config("spdfq")
+  cfg.update(num_images=3, msr=False, sl=False, tv_weight=0.0, alpha1=5.0,
+             apa_follows_jitter=True)
+  info = G.model_info(module, params, cfg)
+  blocks = G.apa_block_indices(info, cfg)
+  pri = G.draw_priors(module, params, cfg, info, blocks, None)
+  moved = G.jitter_priors([jnp.asarray(p) for p in pri], jnp.int32(shift), jnp.bool_(flip),
+                          info, blocks)
+  for p, m in zip(pri, moved):
+    want = _pixel_oracle(p, 4, 4, whole, flip)
+    np.testing.assert_allclose(m, want, rtol=1e-6)
+    assert not np.allclose(want, p)  # the case moves the prior
+
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 16, 16, 3))
+  fixed = {"mask": jnp.ones(3), "index": jnp.arange(3), "targets": jnp.eye(10)[:3],
+           "region_targets": jnp.zeros((3, 4, 10)), "priors": [jnp.asarray(p) for p in pri]}
+  row = dict(_no_jitter_row(), shift=np.int32(shift), flip=np.bool_(flip))
+  terms, _ = G.loss_terms(module, params, x, fixed, row, cfg, info, blocks)
+  _, attns, _ = taps.apply_with_attention(module, {"params": params}, G.augment(x, shift, flip))
+  expected = 0.0
+  for l, p in zip(blocks, pri):
+    got = np.asarray(attns[l])[:, :, 0, 1:]
+    got = got / got.sum(-1, keepdims=True)
+    expected += (l + 1) / 4 * ((got - _pixel_oracle(p, 4, 4, whole, flip)) ** 2).mean(-1).sum(-1)
+  np.testing.assert_allclose(terms["apa"], 5.0 * expected.mean(), rtol=1e-5)
+
+
+def test_priors_follow_jitter_is_off_by_default_and_refused_for_swin():
+  """Off by default, and absent from a run's identity while off (earlier cached runs keep
+  theirs); a Swin run that asks for it fails before any step, naming the field."""
+  cfg = synth.default_config("spdfq")
+  assert cfg.apa_follows_jitter is False
+  assert "apa_follows_jitter" not in synth.config.identity(cfg)
+  cfg.apa_follows_jitter = True
+  assert synth.config.identity(cfg)["apa_follows_jitter"] is True
+  module = zoo.custom_swin(num_classes=10, img_size=16, patch_size=2, embed_dim=8,
+                           depths=(2, 2), num_heads=(2, 2), window_size=4)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
+  info = G.model_info(module, params, cfg)
+  with pytest.raises(ValueError, match="apa_follows_jitter"):
+    G.make_step(module, cfg, info, G.apa_block_indices(info, cfg), None)

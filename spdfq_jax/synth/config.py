@@ -87,6 +87,11 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.sigma_range = (1.0, 3.0)  # in grid cells (open)
   c.apa_blocks = "deep"  # deep (l >= L/2) | all
   c.depth_weight = True  # weight l / L (False: 1)
+  # Deviation (off = method.md): the step's roll and flip of the image also move the priors
+  # (roll by round(shift / patch) grid cells), so APA asks for attention on the same image
+  # content every step. With the fixed priors of method.md, a roll jitter of about one patch
+  # or more keeps the attention from following them (BENCHMARKS.md, "Is APA achieved?").
+  c.apa_follows_jitter = False
 
   # MSR.
   c.k_msr = 4  # m ~ U{1..k_msr} regions per image and step
@@ -118,8 +123,12 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
 RUNTIME_FIELDS = ("log_every", "remat", "microbatches")
 
 
+# Fields added after runs were cached, at the value that keeps those runs' identity.
+LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False}
+
+
 def identity(cfg: ml_collections.ConfigDict) -> dict:
   """The fields that decide the images: the config without `RUNTIME_FIELDS`, and without
-  `compute_dtype` when float32 (the identity a run had before the field existed)."""
+  the `LATER_FIELDS` left at their defaults (the identity a run had before they existed)."""
   return {k: v for k, v in cfg.to_dict().items()
-          if k not in RUNTIME_FIELDS and not (k == "compute_dtype" and v == "float32")}
+          if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}

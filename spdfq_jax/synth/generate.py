@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,21 @@ def augment(x: jax.Array, shift: jax.Array, flip: jax.Array) -> jax.Array:
   return jnp.where(flip, jnp.flip(x, w), x)
 
 
+def jitter_priors(priors: Sequence[jax.Array], shift: jax.Array, flip: jax.Array,
+                  info: ModelInfo, blocks: tuple[int, ...]) -> list[jax.Array]:
+  """The priors moved as `augment` moves the image: each (B, H, g * g) map rolled by
+  round(shift / patch) cells on both grid axes, then flipped along the width where `flip`,
+  so that they cover the same image content as before the jitter (`apa_follows_jitter`)."""
+  out = []
+  for l, prior in zip(blocks, priors):
+    g = info.grid[l]
+    cells = jnp.round(shift / (info.image_shape[0] // g)).astype(jnp.int32)
+    m = jnp.roll(prior.reshape(prior.shape[:-1] + (g, g)), (cells, cells), axis=(-2, -1))
+    m = jnp.where(flip, jnp.flip(m, -1), m)
+    out.append(m.reshape(prior.shape))
+  return out
+
+
 def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
                cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...]
                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -214,10 +229,13 @@ def model_terms(module, params: Any, x: jax.Array, xa: jax.Array, fixed: dict, r
   terms["ce"] = mean(losses.soft_cross_entropy(logits, fixed["targets"]))
   stats = {}
   if cfg.apa:
+    priors = fixed["priors"]
+    if cfg.apa_follows_jitter:
+      priors = jitter_priors(priors, row["shift"], row["flip"], info, blocks)
     weights = losses.depth_weights(blocks, info.depth, cfg.depth_weight)
-    per = losses.apa_loss(attns, fixed["priors"], blocks, weights, info.prefix, info.swin)
+    per = losses.apa_loss(attns, priors, blocks, weights, info.prefix, info.swin)
     terms["apa"] = cfg.alpha1 * mean(per)
-    fit = losses.prior_fit(attns, fixed["priors"], blocks, info.prefix, info.swin)
+    fit = losses.prior_fit(attns, priors, blocks, info.prefix, info.swin)
     stats["prior_fit"] = jax.lax.stop_gradient(mean(sum(f.mean(-1) for f in fit) / len(fit)))
   if cfg.entropy:
     per = losses.patch_entropy_loss(attn_vs, info.heads, entropy_skip(cfg, info), b,
@@ -391,6 +409,10 @@ def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: t
   the batch in sequence (memory of one part); the batch TV is computed on the whole batch.
   """
   check_runtime(cfg)
+  if cfg.apa and cfg.apa_follows_jitter and info.swin:
+    raise ValueError("synth.apa_follows_jitter needs a ViT/DeiT: a rolled Swin image changes "
+                     "which tokens share a window, so its window priors cannot follow it; "
+                     "set synth.apa_follows_jitter=False for Swin.")
   adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
   lo, hi = pixel_range(cfg, info.image_shape[-1])
   net = step_module(module, cfg)
