@@ -14,7 +14,8 @@
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
       `--bed scenes` the scenes test bed (48x48 RGB, asset scenes_<family>) instead;
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
-      `--quant recon_iters=20,...` overrides quantization settings; `--compute-dtype bfloat16`
+      `--quant recon_iters=20,...` overrides quantization settings, `--synth
+      apa_follows_jitter=True,...` synthesis settings; `--compute-dtype bfloat16`
       synthesises with bfloat16 matmuls; `--eval-split train10k`
       scores on the last 10,000 training images, to compare settings without the test split.
       Accuracies are kept in WORKROOT/accuracy.json: a rerun only adds what is missing.
@@ -128,12 +129,13 @@ def bed_data(bed: str):
 
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
-                  prior: str = "gmm", compute_dtype: str = "float32"
-                  ) -> tuple[np.ndarray, dict]:
+                  prior: str = "gmm", compute_dtype: str = "float32",
+                  synth_overrides: dict | None = None) -> tuple[np.ndarray, dict]:
   """The 32 calibration images of one source and their `diagnostics` (class and prior fit;
   empty for real images); synthetic sets are cached under workroot by a tag of (family, row,
-  seed, iterations, ablation, alpha1, prior, compute dtype), so `synthesize` (e.g. on a GPU)
-  and `accuracy` (here) share them."""
+  seed, iterations, ablation, alpha1, prior, compute dtype, overrides), so `synthesize` (e.g.
+  on a GPU) and `accuracy` (here) share them. `synth_overrides` (synthesis methods only) are
+  applied last."""
   data = bed_data(bed)
   if row == "real":
     return data.calibration_images(32, seed, None, channels)[0], {}
@@ -150,6 +152,8 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
   if alpha1 is not None:
     cfg.alpha1 = alpha1
+  synth_overrides = synth_overrides if row != "noise" and synth_overrides else {}
+  cfg.update(**synth_overrides)
   cfg.compute_dtype = compute_dtype
   real_prior_images = None
   if prior != "gmm" and cfg.apa:
@@ -161,7 +165,8 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   tag = (("" if bed == "fmnist" else f"{bed}-") + f"{family}-{row}-{seed}-{iterations}" + abl_tag
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else "")
-         + (f"-{compute_dtype}" if compute_dtype != "float32" else ""))
+         + (f"-{compute_dtype}" if compute_dtype != "float32" else "")
+         + "".join(f"-{k}{v}" for k, v in sorted(synth_overrides.items())))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                           progress=False, real_images=real_prior_images)
@@ -194,8 +199,8 @@ def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
 
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
                    ablation: str, workroot: str, alpha1: float | None = None,
-                   prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32"
-                   ) -> None:
+                   prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32",
+                   synth_overrides: dict | None = None) -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
@@ -203,21 +208,22 @@ def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[st
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
       source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
-                    channels, bed, prior, compute_dtype)
+                    channels, bed, prior, compute_dtype, synth_overrides)
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
                  rows: list[str], ablation: str, workroot: str,
                  alpha1: float | None = None, preset: str = "full",
                  quant_overrides: dict | None = None, eval_split: str = "test",
-                 prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32"
-                 ) -> None:
+                 prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32",
+                 synth_overrides: dict | None = None) -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   module, params, path = load_asset(family, bed)
   channels = qe.in_channels(params)
   x_test, y_test = eval_images(bed, eval_split, channels)
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
-        f"quantization preset {preset} {quant_overrides or ''}; evaluated on {eval_split}\n")
+        f"quantization preset {preset} {quant_overrides or ''}; synthesis overrides "
+        f"{synth_overrides or '-'}; evaluated on {eval_split}\n")
   fp = qe.top1(module, {"params": params}, x_test, y_test, 1000)
   print(f"FP top-1: {fp:.2f}\n")
   results, fits, chance = {}, {}, {}
@@ -229,7 +235,8 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   for row, abl in variants(rows, ablation):
     for seed in seeds:
       images, diag = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                                   alpha1, channels, bed, prior, compute_dtype)
+                                   alpha1, channels, bed, prior, compute_dtype,
+                                   synth_overrides)
       if diag:
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
@@ -237,7 +244,9 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         key = json.dumps([family, row, abl, seed, iterations, alpha1, prior, w, a, preset,
                           quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed])
                          + ([] if compute_dtype == "float32" or row in ("noise", "real")
-                            else [compute_dtype]))
+                            else [compute_dtype])
+                         + ([synth_overrides] if synth_overrides and row not in ("noise", "real")
+                            else []))
         if key not in done:
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
@@ -288,6 +297,9 @@ def parse_overrides(spec: str) -> dict:
   out = {}
   for item in filter(None, spec.split(",")):
     key, value = item.split("=")
+    if value in ("True", "False"):
+      out[key] = value == "True"
+      continue
     try:
       out[key] = int(value)
     except ValueError:
@@ -329,6 +341,8 @@ def main() -> None:
                       "without the test split")
   p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="synth.compute_dtype: the synthesis step's matmul precision")
+  p.add_argument("--synth", default="",
+                 help="synthesis overrides for every synthetic row, e.g. apa_follows_jitter=True")
   a = p.parse_args()
   seeds = [int(s) for s in a.seeds.split(",")]
   rows = [r for r in a.rows.split(",") if r]
@@ -336,12 +350,12 @@ def main() -> None:
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   elif a.what == "synthesize":
     run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                   a.prior, a.bed, a.compute_dtype)
+                   a.prior, a.bed, a.compute_dtype, parse_overrides(a.synth))
   else:
     bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
     run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
                  a.preset, parse_overrides(a.quant), a.eval_split, a.prior, a.bed,
-                 a.compute_dtype)
+                 a.compute_dtype, parse_overrides(a.synth))
 
 
 if __name__ == "__main__":
