@@ -166,7 +166,7 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else "")
          + (f"-{compute_dtype}" if compute_dtype != "float32" else "")
-         + "".join(f"-{k}{v}" for k, v in sorted(synth_overrides.items())))
+         + "".join(f"-{k}{_tag_value(v)}" for k, v in sorted(synth_overrides.items())))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                           progress=False, real_images=real_prior_images)
@@ -195,6 +195,10 @@ def eval_images(bed: str, split: str, channels: int) -> tuple[np.ndarray, np.nda
 def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
   out = [(r, None) for r in rows]
   return out + ([("spdfq", v) for v in ablation_rows(ablation)] if ablation else [])
+
+
+def _tag_value(v) -> str:
+  return ":".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
@@ -293,10 +297,14 @@ def print_tables(results, fits, chance, bits, rows, ablation) -> None:
 
 
 def parse_overrides(spec: str) -> dict:
-  """'recon_iters=20,recon_lr=1e-5,recon_train=kernels' -> typed keyword overrides."""
+  """'recon_iters=20,recon_lr=1e-5,recon_train=kernels' -> typed keyword overrides;
+  'True' / 'False' are booleans, 'jitter=0:0' a tuple."""
   out = {}
   for item in filter(None, spec.split(",")):
     key, value = item.split("=")
+    if ":" in value:
+      out[key] = tuple(parse_overrides(f"v={v}")["v"] for v in value.split(":"))
+      continue
     if value in ("True", "False"):
       out[key] = value == "True"
       continue
