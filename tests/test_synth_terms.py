@@ -274,6 +274,23 @@ def test_priors_follow_the_jitter_of_the_image(shift, whole, flip):
   np.testing.assert_allclose(terms["apa"], 5.0 * expected.mean(), rtol=1e-5)
 
 
+def test_follows_jitter_rolls_the_image_by_whole_patches():
+  """With the option the plan's offsets are the reference's draws rounded to the nearest
+  multiple of the patch (16 px on a 14 x 14 grid at 224 px); without APA, or without the
+  option, they are the draws themselves. Rules out rounding down, rounding by cells of the
+  wrong size, and rounding runs that have no priors to follow."""
+  info = G.ModelInfo(False, 1, 4, (2,) * 4, (14,) * 4, 10, (224, 224, 3))
+  cfg = synth.default_config("spdfq")
+  raw = G.make_plan(cfg, info).shift
+  assert (raw % 16).any()
+  cfg.apa_follows_jitter = True
+  rounded = G.make_plan(cfg, info).shift
+  np.testing.assert_array_equal(rounded, 16 * np.round(raw / 16))
+  assert rounded.min() == -32 and rounded.max() == 32  # round 2 draws reach +-30 px
+  cfg.apa = False
+  np.testing.assert_array_equal(G.make_plan(cfg, info).shift, raw)
+
+
 def test_priors_follow_jitter_is_off_by_default_and_refused_for_swin():
   """Off by default, and absent from a run's identity while off (earlier cached runs keep
   theirs); a Swin run that asks for it fails before any step, naming the field."""

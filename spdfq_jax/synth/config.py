@@ -87,10 +87,12 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.sigma_range = (1.0, 3.0)  # in grid cells (open)
   c.apa_blocks = "deep"  # deep (l >= L/2) | all
   c.depth_weight = True  # weight l / L (False: 1)
-  # Deviation (off = method.md): the step's roll and flip of the image also move the priors
-  # (roll by round(shift / patch) grid cells), so APA asks for attention on the same image
-  # content every step. With the fixed priors of method.md, a roll jitter of about one patch
-  # or more keeps the attention from following them (BENCHMARKS.md, "Is APA achieved?").
+  # Deviation (off = method.md), ViT/DeiT only: the roll jitter moves the image by whole
+  # patches (each offset rounded to the nearest multiple of the patch size) and the priors
+  # roll and flip with it, so APA asks for attention on the same image content every step.
+  # With method.md's fixed priors under a roll of up to 1-2 patches, the attention does not
+  # follow its priors at any usable alpha1; moving the priors without rounding the roll does
+  # not help either (BENCHMARKS.md, "Is APA achieved on the scenes bed?").
   c.apa_follows_jitter = False
 
   # MSR.

@@ -183,8 +183,9 @@ def augment(x: jax.Array, shift: jax.Array, flip: jax.Array) -> jax.Array:
 def jitter_priors(priors: Sequence[jax.Array], shift: jax.Array, flip: jax.Array,
                   info: ModelInfo, blocks: tuple[int, ...]) -> list[jax.Array]:
   """The priors moved as `augment` moves the image: each (B, H, g * g) map rolled by
-  round(shift / patch) cells on both grid axes, then flipped along the width where `flip`,
-  so that they cover the same image content as before the jitter (`apa_follows_jitter`)."""
+  round(shift / patch) cells on both grid axes (exact: the plan rolls by whole patches
+  under `apa_follows_jitter`), then flipped along the width where `flip`, so that they
+  cover the same image content as before the jitter."""
   out = []
   for l, prior in zip(blocks, priors):
     g = info.grid[l]
@@ -338,6 +339,9 @@ def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> Plan:
   limit = np.repeat([jitter_limit(cfg, r, size) for r in range(cfg.rounds)], per_round)
   g = np.random.default_rng([cfg.seed, _PLAN])
   shift = g.integers(-limit, limit + 1).astype(np.int32)
+  if cfg.apa and cfg.apa_follows_jitter:  # whole patches, so the priors can follow exactly
+    patch = size // info.grid[0]
+    shift = (patch * np.round(shift / patch)).astype(np.int32)
   flip = (g.random(cfg.iterations) < 0.5) & cfg.flip
   region_shift = g.integers(-limit, limit + 1).astype(np.int32)
   region_flip = (g.random(cfg.iterations) < 0.5) & cfg.flip
