@@ -2,11 +2,12 @@
 
   python benchmarks/apa_fit.py [--families vit,swin] [--alphas 0,100,1000,10000,100000]
       [--iterations 100,300] [--num-images 8] [--seed 0] [--bed fmnist|scenes]
+      [--synth jitter=0:0,apa_follows_jitter=True]
 
 For every (family, iterations, alpha1) it synthesises SPDFQ images on a built-in test bed's
 model with that bed's settings (configs/fmnist_w4a4.py or configs/scenes_w4a4.py; alpha1 0 =
-APA off, the priors still drawn and measured) and prints, from `SynthResult.diagnostics`:
-class fit (share of images, and of MSR regions, the FP model assigns to their targets),
+APA off, the priors still drawn and measured; `--synth` overrides them) and prints, from
+`SynthResult.diagnostics`: class fit (share of images, and of MSR regions, the FP model assigns to their targets),
 prior fit (mean Pearson correlation of the APA blocks' CLS attention with the priors) and
 its chance level (the same against priors the images never saw), per-block prior fit, and
 the synthesis time. Every criterion is data-free: no real image is read. The rule for the
@@ -27,11 +28,11 @@ import numpy as np  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
-from synthesis import BEDS, bed_data, load_asset, machine  # noqa: E402
+from synthesis import BEDS, bed_data, load_asset, machine, parse_overrides  # noqa: E402
 
 
 def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: int,
-            workroot: str, bed: str = "fmnist") -> dict:
+            workroot: str, bed: str = "fmnist", overrides: dict | None = None) -> dict:
   module, params, _ = load_asset(family, bed)
   channels = qe.in_channels(params)
   data = bed_data(bed)
@@ -41,8 +42,10 @@ def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: 
              mean=tuple(map(float, np.broadcast_to(data.MEAN, (channels,)))),
              std=tuple(map(float, np.broadcast_to(data.STD, (channels,)))), iterations=iterations,
              warmup=max(1, iterations // 10), alpha1=float(alpha1) or 1.0, apa=alpha1 > 0)
+  cfg.update(**(overrides or {}))
   tag = (("" if bed == "fmnist" else f"{bed}-")
-         + f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}")
+         + f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}"
+         + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items())).replace(" ", ""))
   t = time.perf_counter()
   res = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag), progress=False)
   return dict(res.diagnostics, seconds=time.perf_counter() - t)
@@ -57,15 +60,19 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workroot", default="runs/apa_fit")
   p.add_argument("--bed", default="fmnist", choices=sorted(BEDS))
+  p.add_argument("--synth", default="", help="synthesis overrides, e.g. jitter=0:0")
   a = p.parse_args()
-  print(f"Machine: {machine()}; {a.bed} bed, {a.num_images} images, seed {a.seed}\n")
+  overrides = parse_overrides(a.synth)
+  print(f"Machine: {machine()}; {a.bed} bed, {a.num_images} images, seed {a.seed}; "
+        f"overrides {overrides or '-'}\n")
   print("| model | steps | alpha1 | class fit (images / regions) | prior fit | chance "
         "| prior fit per block | s |")
   print("|---|---|---|---|---|---|---|---|")
   for family in a.families.split(","):
     for iterations in (int(v) for v in a.iterations.split(",")):
       for alpha1 in (float(v) for v in a.alphas.split(",")):
-        d = fit_row(family, alpha1, iterations, a.num_images, a.seed, a.workroot, a.bed)
+        d = fit_row(family, alpha1, iterations, a.num_images, a.seed, a.workroot, a.bed,
+                    overrides)
         per_block = " / ".join(f"{sum(b) / len(b):.2f}" for b in d["prior_fit_per_block"])
         print(f"| {family} | {iterations} | {alpha1:g} | {100 * d['class_fit']:.0f}% / "
               f"{100 * d.get('region_class_fit', float('nan')):.0f}% | {d['prior_fit']:.3f} | "
