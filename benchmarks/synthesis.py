@@ -245,12 +245,13 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
       for w, a in bits:
-        key = json.dumps([family, row, abl, seed, iterations, alpha1, prior, w, a, preset,
+        synthetic = row not in ("noise", "real")  # settings of synthesis only in its keys
+        key = json.dumps([family, row, abl, seed, iterations, alpha1 if synthetic else None,
+                          prior if synthetic else "gmm", w, a, preset,
                           quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed])
-                         + ([] if compute_dtype == "float32" or row in ("noise", "real")
+                         + ([] if compute_dtype == "float32" or not synthetic
                             else [compute_dtype])
-                         + ([synth_overrides] if synth_overrides and row not in ("noise", "real")
-                            else []))
+                         + ([synth_overrides] if synth_overrides and synthetic else []))
         if key not in done:
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
