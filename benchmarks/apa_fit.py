@@ -9,8 +9,8 @@ model with that bed's settings (configs/fmnist_w4a4.py or configs/scenes_w4a4.py
 APA off, the priors still drawn and measured; `--synth` overrides them) and prints, from
 `SynthResult.diagnostics`: class fit (share of images, and of MSR regions, the FP model
 assigns to their targets), prior fit (mean Pearson correlation of the APA blocks' CLS
-attention with the priors) and its chance level (the same against priors the images never saw), per-block prior fit, and
-the synthesis time. Every criterion is data-free: no real image is read. The rule for the
+attention with the priors) and its chance level (the same against priors the images never
+saw), per-block prior fit, and the synthesis time. Every criterion is data-free: no real image is read. The rule for the
 APA weight: the largest alpha1 whose class fit stays >= 95% (images and regions) while its
 prior fit is well above chance.
 """
