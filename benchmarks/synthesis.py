@@ -150,9 +150,9 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
   if abl is not None:
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
-  if alpha1 is not None:
-    cfg.alpha1 = alpha1
   synth_overrides = synth_overrides if row != "noise" and synth_overrides else {}
+  if alpha1 is not None and row != "noise":  # noise: the same images for any setting
+    cfg.alpha1 = alpha1
   cfg.update(**synth_overrides)
   cfg.compute_dtype = compute_dtype
   real_prior_images = None
