@@ -10,9 +10,9 @@ APA off, the priors still drawn and measured; `--synth` overrides them) and prin
 `SynthResult.diagnostics`: class fit (share of images, and of MSR regions, the FP model
 assigns to their targets), prior fit (mean Pearson correlation of the APA blocks' CLS
 attention with the priors) and its chance level (the same against priors the images never
-saw), per-block prior fit, and the synthesis time. Every criterion is data-free: no real image is read. The rule for the
-APA weight: the largest alpha1 whose class fit stays >= 95% (images and regions) while its
-prior fit is well above chance.
+saw), per-block prior fit, and the synthesis time. Every criterion is data-free: no real
+image is read. The rule for the APA weight: the largest alpha1 whose class fit stays >= 95%
+(images and regions) while its prior fit is well above chance.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 import quant_engine as qe  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
-from synthesis import BEDS, bed_data, load_asset, machine, parse_overrides  # noqa: E402
+from synthesis import BEDS, tag_value, bed_data, load_asset, machine, parse_overrides  # noqa: E402
 
 
 def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: int,
@@ -45,7 +45,7 @@ def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: 
   cfg.update(**(overrides or {}))
   tag = (("" if bed == "fmnist" else f"{bed}-")
          + f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}"
-         + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items())).replace(" ", ""))
+         + "".join(f"-{k}{tag_value(v)}" for k, v in sorted((overrides or {}).items())))
   t = time.perf_counter()
   res = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag), progress=False)
   return dict(res.diagnostics, seconds=time.perf_counter() - t)

@@ -329,8 +329,8 @@ def report(opts, out: dict, ticks: Ticks, build_s: float, flops: float, flops_s:
     calib = (t["calibrate"] + t.get("reparameterize", 0.0)) * scale
     evals = PAPER["eval_images"] / fp_rate + PAPER["eval_images"] / q_rate
     total = out["load_seconds"] + synth + calib + recon + evals + t.get("export", 0.0)
-    print(f"\nPaper setting (32 images, 1000 steps with MSR, 100 reconstruction iterations per "
-          f"unit, 50,000 evaluation images), extrapolated from this run"
+    print("\nPaper setting (32 images, 1000 steps with MSR, 100 reconstruction iterations per "
+          "unit, 50,000 evaluation images), extrapolated from this run"
           + (f" (per-image costs scaled by 32/{opts.images})" if scale != 1 else "")
           + f": synthesis {synth / 60:.1f} min, calibration {calib:.0f} s, reconstruction "
           f"{recon / 60:.1f} min, FP + quantized evaluation {evals / 60:.1f} min; total "

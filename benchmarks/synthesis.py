@@ -166,7 +166,7 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else "")
          + (f"-{compute_dtype}" if compute_dtype != "float32" else "")
-         + "".join(f"-{k}{_tag_value(v)}" for k, v in sorted(synth_overrides.items())))
+         + "".join(f"-{k}{tag_value(v)}" for k, v in sorted(synth_overrides.items())))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
                           progress=False, real_images=real_prior_images)
@@ -197,7 +197,8 @@ def variants(rows: list[str], ablation: str) -> list[tuple[str, tuple | None]]:
   return out + ([("spdfq", v) for v in ablation_rows(ablation)] if ablation else [])
 
 
-def _tag_value(v) -> str:
+def tag_value(v) -> str:
+  """An override's value in a cache directory name: tuples as 1:2."""
   return ":".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
