@@ -24,24 +24,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 import quant_engine as qe  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
-from synthesis import BEDS, tag_value, bed_data, load_asset, machine, parse_overrides  # noqa: E402
+from synthesis import BEDS, bed_config, load_asset, machine, parse_overrides, tag_value  # noqa: E402
 
 
 def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: int,
             workroot: str, bed: str = "fmnist", overrides: dict | None = None) -> dict:
   module, params, _ = load_asset(family, bed)
-  channels = qe.in_channels(params)
-  data = bed_data(bed)
-  cfg = synth.default_config("spdfq", family)
-  cfg.update(**BEDS[bed][2])
-  cfg.update(seed=seed, num_images=num_images,
-             mean=tuple(map(float, np.broadcast_to(data.MEAN, (channels,)))),
-             std=tuple(map(float, np.broadcast_to(data.STD, (channels,)))), iterations=iterations,
-             warmup=max(1, iterations // 10), alpha1=float(alpha1) or 1.0, apa=alpha1 > 0)
+  cfg = bed_config("spdfq", family, bed, qe.in_channels(params), seed, iterations)
+  cfg.update(num_images=num_images, alpha1=float(alpha1) or 1.0, apa=alpha1 > 0)
   cfg.update(**(overrides or {}))
   tag = (("" if bed == "fmnist" else f"{bed}-")
          + f"{family}-n{num_images}-s{seed}-it{iterations}-a{alpha1:g}"

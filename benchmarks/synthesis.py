@@ -24,6 +24,7 @@ Prints markdown tables (the ## Synthesis section of BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import os
@@ -127,6 +128,25 @@ def bed_data(bed: str):
   return data.test_bed(BEDS[bed][1])
 
 
+def bed_config(method: str, family: str, bed: str, channels: int, seed: int,
+               iterations: int):
+  """A synthesis config on a test bed: the bed's normalisation and, for every method that
+  runs the model, the demo config's settings (jitter, TV target, alpha1) at this length."""
+  data = bed_data(bed)
+  cfg = synth.default_config(method, family)
+  mean, std = np.broadcast_to(data.MEAN, (channels,)), np.broadcast_to(data.STD, (channels,))
+  cfg.update(seed=seed, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+  if method != "noise":
+    cfg.update(**BEDS[bed][2])
+    cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
+  return cfg
+
+
+def same_as_spdfq(abl) -> bool:
+  """The all-on ablation row is the spdfq row: one image set, one accuracy per setting."""
+  return abl in (None, (True, True, True))
+
+
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
                   prior: str = "gmm", compute_dtype: str = "float32",
@@ -139,20 +159,15 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   data = bed_data(bed)
   if row == "real":
     return data.calibration_images(32, seed, None, channels)[0], {}
-  if row == "noise":  # no model evaluation: the same images in any precision
-    compute_dtype = "float32"
-  cfg = synth.default_config(row, family)
-  mean, std = np.broadcast_to(data.MEAN, (channels,)), np.broadcast_to(data.STD, (channels,))
-  cfg.update(seed=seed, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-  if row != "noise":
-    # The demo's settings (its jitter, TV target, alpha1), then this run's length.
-    cfg.update(**BEDS[bed][2])
-    cfg.update(iterations=iterations, warmup=max(1, iterations // 10))
+  cfg = bed_config(row, family, bed, channels, seed, iterations)
+  if row == "noise":  # no model evaluation: the same images for any synthesis setting
+    compute_dtype, synth_overrides = "float32", {}
+  else:
+    synth_overrides = synth_overrides or {}
+    if alpha1 is not None:
+      cfg.alpha1 = alpha1
   if abl is not None:
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
-  synth_overrides = synth_overrides if row != "noise" and synth_overrides else {}
-  if alpha1 is not None and row != "noise":  # noise: the same images for any setting
-    cfg.alpha1 = alpha1
   cfg.update(**synth_overrides)
   cfg.compute_dtype = compute_dtype
   real_prior_images = None
@@ -160,8 +175,7 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.prior = prior
     if prior == "real":  # the FP model's attention on 32 other training images
       real_prior_images = data.calibration_images(32, 1000 + seed, None, channels)[0]
-  # The all-on ablation row is the spdfq row: same tag, synthesised once.
-  abl_tag = "" if abl in (None, (True, True, True)) else "-%d%d%d" % abl
+  abl_tag = "" if same_as_spdfq(abl) else "-%d%d%d" % abl
   tag = (("" if bed == "fmnist" else f"{bed}-") + f"{family}-{row}-{seed}-{iterations}" + abl_tag
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else "")
@@ -177,6 +191,17 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   print(f"  {tag}: {msg}; prior fit {d['prior_fit']:.3f} (chance {d['prior_fit_chance']:.3f}) "
         f"({time.perf_counter() - t:.1f} s)", flush=True)
   return result.images, d
+
+
+def record_accuracy(path: str, key: str, value: float) -> dict:
+  """Adds one accuracy to the workroot's file and returns every recorded one. The file is
+  re-read under a lock, so runs sharing a workroot keep each other's results."""
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    done[key] = value
+    checkpoint.write_text(path, json.dumps(done))
+  return done
 
 
 def eval_images(bed: str, split: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,9 +270,10 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
       if diag:
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
+      synthetic = row not in ("noise", "real")  # settings of synthesis only in its keys
       for w, a in bits:
-        synthetic = row not in ("noise", "real")  # settings of synthesis only in its keys
-        key = json.dumps([family, row, abl, seed, iterations, alpha1 if synthetic else None,
+        key = json.dumps([family, row, None if same_as_spdfq(abl) else abl, seed, iterations,
+                          alpha1 if synthetic else None,
                           prior if synthetic else "gmm", w, a, preset,
                           quant_overrides or {}, eval_split] + ([] if bed == "fmnist" else [bed])
                          + ([] if compute_dtype == "float32" or not synthetic
@@ -257,8 +283,8 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
                               progress=False)
-          done[key] = qe.top1(qm.module, qm.variables, x_test, y_test, 1000)
-          checkpoint.write_text(done_path, json.dumps(done))
+          done = record_accuracy(done_path, key,
+                                 qe.top1(qm.module, qm.variables, x_test, y_test, 1000))
         acc = done[key]
         results.setdefault((row, abl, w, a), []).append(acc)
         print(f"  {row} {abl} seed {seed} W{w}A{a}: {acc:.2f}", flush=True)
