@@ -24,15 +24,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import quant_engine as qe  # noqa: E402
 from spdfq_jax import synth  # noqa: E402
+from spdfq_jax.models import zoo  # noqa: E402
 from synthesis import BEDS, bed_config, load_asset, machine, parse_overrides, tag_value  # noqa: E402
 
 
 def fit_row(family: str, alpha1: float, iterations: int, num_images: int, seed: int,
             workroot: str, bed: str = "fmnist", overrides: dict | None = None) -> dict:
   module, params, _ = load_asset(family, bed)
-  cfg = bed_config("spdfq", family, bed, qe.in_channels(params), seed, iterations)
+  cfg = bed_config("spdfq", family, bed, zoo.in_channels(module, params), seed, iterations)
   cfg.update(num_images=num_images, alpha1=float(alpha1) or 1.0, apa=alpha1 > 0)
   cfg.update(**(overrides or {}))
   tag = (("" if bed == "fmnist" else f"{bed}-")

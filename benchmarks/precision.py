@@ -32,8 +32,7 @@ def compare(name: str, method: str, batch: int, iters: int) -> tuple[float, floa
   params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
   runs = {}
   for dtype in ("float32", "bfloat16"):
-    cfg = synth.default_config(method, "swin" if isinstance(module, zoo.SwinTransformer)
-                               else "vit")
+    cfg = synth.default_config(method, zoo.family(module))
     cfg.update(num_images=batch, compute_dtype=dtype)
     if shape[-1] == 1:
       cfg.update(mean=(0.5,), std=(0.5,))

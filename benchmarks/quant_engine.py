@@ -29,18 +29,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spdfq_jax import checkpoint, data, quant  # noqa: E402
-from spdfq_jax.models import native  # noqa: E402
+from spdfq_jax.models import native, zoo  # noqa: E402
 from spdfq_jax.quant import qmodel  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "spdfq_jax", "assets")
 BITS = ((8, 8), (6, 6), (4, 4), (3, 3))
 STAGES = (("calib", "(a) calibration"), ("reparam", "(b) + reparam"),
           ("full", "(c) + reconstruction"))
-
-
-def in_channels(params: dict) -> int:
-  pe = params["patch_embed"]
-  return (pe["proj"] if "proj" in pe else pe)["kernel"].shape[2]
 
 
 def top1(module, variables, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
@@ -64,7 +59,7 @@ def test_bed_of(name: str) -> str:
 
 def run_model(name: str, path: str, args, results: dict, save) -> None:
   module, params, _ = native.load(path)
-  c = in_channels(params)
+  c = zoo.in_channels(module, params)
   fmnist = test_bed_of(name) == "fashion_mnist"
   bed = data.test_bed(test_bed_of(name))
   test_x, test_y = bed.load("test", None, c)

@@ -21,7 +21,7 @@ import quant_engine as qe  # noqa: E402
 
 from spdfq_jax import quant  # noqa: E402
 from spdfq_jax.data import fashion_mnist  # noqa: E402
-from spdfq_jax.models import native  # noqa: E402
+from spdfq_jax.models import native, zoo  # noqa: E402
 
 VARIANTS = (("(a) per-tensor post-LN activations", "calib", False),
             ("per-channel post-LN, not folded (not deployable)", "reparam", False),
@@ -34,7 +34,7 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
   module, params, _ = native.load(os.path.join(qe.ASSETS, f"fmnist_{args.model}.safetensors"))
-  c = qe.in_channels(params)
+  c = zoo.in_channels(module, params)
   test_x, test_y = fashion_mnist.load("test", channels=c)
   train_x, _ = fashion_mnist.load("train", channels=c)
   images = qe.calib_set("real", args.seed, 32, train_x, None)

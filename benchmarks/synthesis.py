@@ -43,6 +43,7 @@ import quant_engine as qe  # noqa: E402
 import step_util  # noqa: E402
 from configs import fmnist_w4a4, scenes_w4a4  # noqa: E402
 from spdfq_jax import checkpoint, synth  # noqa: E402
+from spdfq_jax.models import zoo  # noqa: E402
 
 G = importlib.import_module("spdfq_jax.synth.generate")
 from step_util import machine, timing_model  # noqa: E402
@@ -233,7 +234,7 @@ def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[st
                    synth_overrides: dict | None = None) -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family, bed)
-  channels = qe.in_channels(params)
+  channels = zoo.in_channels(module, params)
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n", flush=True)
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
@@ -249,7 +250,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
                  synth_overrides: dict | None = None) -> None:
   from spdfq_jax import quant  # noqa: PLC0415
   module, params, path = load_asset(family, bed)
-  channels = qe.in_channels(params)
+  channels = zoo.in_channels(module, params)
   x_test, y_test = eval_images(bed, eval_split, channels)
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}; "
         f"quantization preset {preset} {quant_overrides or ''}; synthesis overrides "

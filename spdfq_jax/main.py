@@ -222,20 +222,12 @@ def rows_of(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
   return [(m, w, a) for w, a in bits for m in methods]
 
 
-def family_of(module: Any) -> str:
-  return "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
-
-
-def channels_of(params: Any) -> int:
-  return int(np.shape(params["patch_embed"]["kernel"])[2])
-
-
 def preprocessing_of(config: ml_collections.ConfigDict, module: zoo.Model, params: Any
                      ) -> zoo.Preprocessing:
   """The eval transform: the test bed's for a built-in test bed; else the checkpoint's own
   (our format's metadata), the registry's, or timm's defaults, at the model's input size."""
   if config.data.name in data_lib.TEST_BEDS:
-    return data_lib.test_bed(config.data.name).preprocessing(channels_of(params))
+    return data_lib.test_bed(config.data.name).preprocessing(zoo.in_channels(module, params))
   pre = None
   path = config.model.checkpoint
   if path and path.endswith(".safetensors"):
@@ -396,7 +388,7 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
   if method == REAL:
     return None, f"{REAL}-{fingerprint(REAL, config.num_images, config.seed, data_key(config))}"
   from spdfq_jax.synth import config as synth_config  # pylint: disable=g-import-not-at-top
-  scfg = stages.synth_config(method, family_of(module))
+  scfg = stages.synth_config(method, zoo.family(module))
   for k, v in set_fields(config.synth).items():
     _assign(scfg, k, v)
   scfg.num_images, scfg.seed = config.num_images, config.seed
@@ -595,7 +587,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
   with timed(timings, "load"):
     module, params = load_model(stages, config)
   pre = preprocessing_of(config, module, params)
-  data = Data(config, pre, channels_of(params))
+  data = Data(config, pre, zoo.in_channels(module, params))
   data.check(module, need_train=REAL in [m for m, _, _ in rows_of(config)])
   write_config(workdir, config)  # only now: a run refused above leaves the workdir as it was
   fp = _fp_eval(module, params, data, config, workdir, timings)

@@ -243,7 +243,7 @@ def to_spec(family: str, kwargs: Mapping[str, Any]) -> str:
 
 
 def module_spec(module: zoo.Model) -> str:
-  family = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  family = zoo.family(module)
   return to_spec(family, {k: getattr(module, k) for k in fields(family)})
 
 

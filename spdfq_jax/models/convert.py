@@ -343,7 +343,7 @@ def _architecture_note(module: zoo.Model, shapes: Mapping[str, tuple[int, ...]])
   family, found, _ = arch.infer(shapes)
   if family is None:
     return []
-  want = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  want = zoo.family(module)
   if family != want:
     return [f"  The file holds a {'Swin' if family == 'swin' else 'ViT'} "
             f"({arch.to_spec(family, found)}), the model is {arch.module_spec(module)}."]
@@ -424,7 +424,7 @@ def load(name: Optional[NameOrModule] = None, path: Optional[str] = None, **over
   base = _base_module(name)
   raw = read_raw(path)
   if base is not None:
-    family = "swin" if isinstance(base, zoo.SwinTransformer) else "vit"
+    family = zoo.family(base)
   elif name:
     family = arch.parse(name)[0]
   else:
@@ -481,5 +481,5 @@ def _finish(module: zoo.Model, params: Params, unused: list[str], path: str,
 
 def load_state_dict(module: zoo.Model, sd: Mapping[str, np.ndarray]) -> tuple[zoo.Model, Params]:
   """(module, params) from an in-memory timm-style state dict (numpy values)."""
-  family = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  family = zoo.family(module)
   return _finish(module, timm_to_flax(sd, family), [], "<state dict>", {}, infer_classes=True)

@@ -34,7 +34,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def describe(module: zoo.Model) -> dict:
   """JSON-able description of an architecture (quant-point factory excluded)."""
-  family = "swin" if isinstance(module, zoo.SwinTransformer) else "vit"
+  family = zoo.family(module)
   kwargs = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
             if f.name not in zoo.NOT_ARCHITECTURE}
   return {"family": family, "kwargs": {k: list(v) if isinstance(v, tuple) else v

@@ -109,6 +109,27 @@ def units(model: nn.Module) -> list[tuple[str, list[tuple[str, ...]]]]:
   raise TypeError(f"not a zoo model: {type(model).__name__}")
 
 
+def family(model: nn.Module) -> str:
+  """'vit' (ViT and DeiT) or 'swin'."""
+  if isinstance(model, VisionTransformer):
+    return "vit"
+  if isinstance(model, SwinTransformer):
+    return "swin"
+  raise TypeError(f"not a zoo model: {type(model).__name__}")
+
+
+def patch_embed_kernel(model: nn.Module, params: Any) -> Any:
+  """The patch-embedding conv kernel (HWIO): a ViT keeps it at `patch_embed`, a Swin one
+  level deeper (`patch_embed/proj`, beside its LayerNorm)."""
+  embed = params["patch_embed"]
+  return (embed["proj"] if family(model) == "swin" else embed)["kernel"]
+
+
+def in_channels(model: nn.Module, params: Any) -> int:
+  """Input channels, read off the patch-embedding kernel (the module infers them)."""
+  return int(patch_embed_kernel(model, params).shape[2])
+
+
 def with_point(model: Model, point: Callable[..., nn.Module]) -> Model:
   """The same architecture with another quant-point factory (params unchanged)."""
   return model.clone(point=point)

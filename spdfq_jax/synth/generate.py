@@ -20,7 +20,7 @@ import optax
 
 from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.models import taps
-from spdfq_jax.models.swin import SwinTransformer
+from spdfq_jax.models import zoo
 from spdfq_jax.synth import config as synth_config, losses, priors as priors_lib, regions
 
 SUBDIR = "synthetic"
@@ -63,10 +63,9 @@ class ModelInfo:
 
 def model_info(module, params: Any, cfg: ml_collections.ConfigDict) -> ModelInfo:
   """Reads the layout by shape evaluation (no FLOPs) plus the module's fields."""
-  swin = isinstance(module, SwinTransformer)
+  swin = zoo.family(module) == "swin"
   size = cfg.image_size or module.img_size
-  embed = params["patch_embed"]["proj"] if swin else params["patch_embed"]
-  channels = cfg.channels or int(embed["kernel"].shape[2])
+  channels = cfg.channels or zoo.in_channels(module, params)
   shape = (int(size), int(size), int(channels))
   logits, attns, _ = jax.eval_shape(
       lambda p, x: taps.apply_with_attention(module, {"params": p}, x), params,
