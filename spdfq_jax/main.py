@@ -125,8 +125,9 @@ EVAL_PROGRESS_FILE = "eval_progress.json"  # the counts of an evaluation so far,
 CONFIG_FILE = "config.json"
 SET_FILE = "result.npz"  # a calibration set: images (+ labels, priors, diagnostics)
 # Config fields that change no result: a workdir holding a config that differs only in
-# these is the same run.
-COSMETIC = ("title", "description", "data.workers", "paper_top1", "export", "export_to")
+# these is the same run ('paper_top1': the paper numbers' earlier field).
+COSMETIC = ("title", "description", "data.workers", "paper", "paper_top1", "export",
+            "export_to")
 
 
 class InputError(ValueError):
@@ -593,11 +594,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
   fp = _fp_eval(module, params, data, config, workdir, timings)
   logging.info("FP top-1 %.2f  top-5 %.2f  (%d images)", fp["top1"], fp["top5"], fp["count"])
   rows = []
-  paper = config.get("paper_top1")
+  paper = config.get("paper") or {}
   for method, w, a in rows_of(config):
     row = run_row(stages, module, params, config, pre, data, workdir, method, w, a, fp)
-    if paper is not None and (method, w, a) == rows_of(config)[0]:
-      row["paper_top1"] = paper
+    if f"{method}_w{w}a{a}" in paper:
+      row["paper_top1"] = paper[f"{method}_w{w}a{a}"]
     rows.append(row)
     logging.info("%s W%dA%d: top-1 %.2f (FP %.2f)", method, w, a, row["quant_top1"], fp["top1"])
   label = model_label(config)
