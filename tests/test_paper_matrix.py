@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from spdfq_jax import main, quant
@@ -93,9 +94,11 @@ def shared_compilation(tmp_path_factory):
             jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()  # jax decides once per process whether a cache is used
   yield
   jax.config.update("jax_compilation_cache_dir", before[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()
 
 
 def parse(argv: list[str]):
