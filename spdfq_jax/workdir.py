@@ -126,7 +126,7 @@ def flatten_synth_dir(directory: str) -> None:
 
 
 def _move_up(directory: str) -> None:
-  from spdfq_jax.synth.generate import SUBDIR  # pylint: disable=g-import-not-at-top
+  from spdfq_jax.synth.result import SUBDIR  # pylint: disable=g-import-not-at-top
   inner = os.path.join(directory, SUBDIR)
   if not os.path.exists(os.path.join(inner, SET_FILE)):
     return
