@@ -13,7 +13,7 @@ REAL = "real"  # the real-data reference row: training images instead of synthet
 
 @dataclasses.dataclass
 class Stages:
-  """The stage functions main wires together (tests swap in small fakes)."""
+  """The stage functions the pipeline wires together (tests swap in small fakes)."""
   load_model: Callable[..., tuple[Any, Any]]
   synth_config: Callable[..., ml_collections.ConfigDict]
   generate: Callable[..., Any]
