@@ -14,7 +14,8 @@ A run config is `get_config(arg) -> ConfigDict` with these blocks:
            the same way (`--config.quant.recon.iters=20`)
   eval     batch size and an optional image limit (0 = the whole split: the paper protocol)
   seed, num_images, export, export_to (a copy of the single row's quantized model at this
-  path, which must not exist), paper_top1 (the number the paper reports for the first row)
+  path, which must not exist), paper (the paper's ImageNet top-1 for this model, keyed
+  '<method>_w<W>a<A>' and 'fp'; each row of the report shows its own)
 """
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ for _m, (_psaq, _spdfq) in {"vit_small": (77.20, 78.40), "vit_base": (76.65, 79.
 PAPER[("vit_base", "real", "w4a4")] = 68.16
 
 
-def paper_top1(model: str, method: str, w_bits: int, a_bits: int) -> Optional[float]:
-  """The paper's ImageNet top-1 for a setting, None where it reports none (e.g. W3A3)."""
-  return PAPER.get((model, method, f"w{w_bits}a{a_bits}"))
+def paper_numbers(model: str) -> ml_collections.ConfigDict:
+  """Every number the paper reports for a model ('spdfq_w4a4', 'fp', ...); empty for others."""
+  return ml_collections.ConfigDict(
+      {f"{method}_{bits}" if bits else method: v
+       for (m, method, bits), v in PAPER.items() if m == model})
 
 
 def _placeholders(cfg: ml_collections.ConfigDict, skip: tuple[str, ...], prefix: str = ""
@@ -157,8 +160,7 @@ def get_config(model: str = "deit_small", *, checkpoint: Optional[str] = None,
   c.export = True
   c.export_to = ""
   short = next((k for k, v in MODELS.items() if v == name), name)
-  c.paper_top1 = config_dict.placeholder(float)
-  c.paper_top1 = paper_top1(short, methods.split(",")[0], w_bits, a_bits)
+  c.paper = paper_numbers(short)
   return c
 
 
@@ -176,5 +178,4 @@ def comparison(c: ml_collections.ConfigDict, title: str) -> ml_collections.Confi
   c.title = title
   c.methods = "noise,inversion,psaq,spdfq,real"
   c.bits = "w4a4,w3a3"
-  c.paper_top1 = None
   return c

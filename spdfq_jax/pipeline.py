@@ -186,11 +186,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
   fp = _fp_eval(module, params, data, config, workdir, timings)
   logging.info("FP top-1 %.2f  top-5 %.2f  (%d images)", fp["top1"], fp["top5"], fp["count"])
   rows = []
-  paper = config.get("paper_top1")
+  paper = config.get("paper") or {}
   for method, w, a in rows_of(config):
     row = run_row(stages, module, params, config, pre, data, workdir, method, w, a, fp)
-    if paper is not None and (method, w, a) == rows_of(config)[0]:
-      row["paper_top1"] = paper
+    if f"{method}_w{w}a{a}" in paper:
+      row["paper_top1"] = paper[f"{method}_w{w}a{a}"]
     rows.append(row)
     logging.info("%s W%dA%d: top-1 %.2f (FP %.2f)", method, w, a, row["quant_top1"], fp["top1"])
   label = model_label(config)

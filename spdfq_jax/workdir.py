@@ -23,8 +23,9 @@ from spdfq_jax.models import zoo
 CONFIG_FILE = "config.json"
 SET_FILE = "result.npz"  # a calibration set: images (+ labels, priors, diagnostics)
 # Config fields that change no result: a workdir holding a config that differs only in
-# these is the same run.
-COSMETIC = ("title", "description", "data.workers", "paper_top1", "export", "export_to")
+# these is the same run ('paper_top1': the paper numbers' earlier field).
+COSMETIC = ("title", "description", "data.workers", "paper", "paper_top1", "export",
+            "export_to")
 
 
 def fingerprint(*parts: Any) -> str:

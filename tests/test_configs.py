@@ -60,16 +60,17 @@ def test_paper_settings(model, bits):
   tag = zoo.entry(c.model.name).checkpoint_tag
   assert tag in c.model.checkpoint
   if bits == "w4a4":
-    assert c.paper_top1 is not None
     doc = open(f"{ROOT}/configs/{model}.py").read().split('"""')[1]
-    assert f"{c.paper_top1:.2f}" in doc and f"--config=configs/{model}.py" in doc
+    for method in ("spdfq", "psaq", "noise"):
+      assert f"{c.paper[f'{method}_w4a4']:.2f}" in doc
+    assert f"{c.paper.fp:.2f}" in doc and f"--config=configs/{model}.py" in doc
 
 
 def test_vitb_w4a4_and_overrides():
   c = _parse([f"--config={ROOT}/configs/vitb_w4a4.py", "--config.quant.w_bits=3",
               "--config.synth.iterations=4", "--config.quant.recon.iters=2",
               "--config.data.dir=/tmp/x", "--config.methods=noise,spdfq"])
-  assert c.model.name == "vit_base_patch16_224" and c.paper_top1 == pytest.approx(51.84)
+  assert c.model.name == "vit_base_patch16_224" and c.paper.spdfq_w4a4 == pytest.approx(51.84)
   assert rows_lib.rows_of(c) == [("noise", 3, 4), ("spdfq", 3, 4)]
   assert rows_lib.set_fields(c.synth) == {"iterations": 4}
   stages = rows_lib.Stages(None, None, None, quant_config.default_config, None, None)
