@@ -50,6 +50,7 @@ from PIL import Image  # noqa: E402
 
 import step_util  # noqa: E402
 from configs import vitb_w4a4  # noqa: E402
+from spdfq_jax import fp_model, pipeline  # noqa: E402
 from spdfq_jax import main as spdfq_main  # noqa: E402
 from spdfq_jax.data import imagenet  # noqa: E402
 from spdfq_jax.models import arch, native, zoo  # noqa: E402
@@ -219,8 +220,8 @@ def step_flops(config, module, params) -> tuple[float, float]:
   cost analysis of the compiled step."""
   t = time.perf_counter()
   stages = spdfq_main.default_stages()
-  pre = spdfq_main.preprocessing_of(config, module, params)
-  scfg, _ = spdfq_main.synth_plan(stages, module, "spdfq", config, pre)
+  pre = fp_model.preprocessing_of(config, module, params)
+  scfg, _ = pipeline.synth_plan(stages, module, "spdfq", config, pre)
   step, args = step_util.synth_step(module, params, scfg, donate=False)
   cost = step.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -9,7 +9,6 @@ values, for the default (the reference's behaviour) and for each option that lea
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import parity_util  # noqa: E402
 
-G = importlib.import_module("spdfq_jax.synth.generate")
+from spdfq_jax.synth import objective as objective_lib  # noqa: E402
 
 OPTIONS = {"default (reference)": {}, "entropy_grid='image'": {"entropy_grid": "image"},
            "entropy_swin_all_tokens": {"entropy_swin_all_tokens": True}}
@@ -35,7 +34,8 @@ def distance(name: str, overrides: dict) -> tuple[float, float]:
   dev = {"mask": jnp.ones(b), "index": jnp.arange(b), "targets": jnp.asarray(fixed["targets"]),
          "region_targets": jnp.asarray(fixed["region_targets"]), "priors": []}
   row = parity_util.psaq_plan(ref).row(0)
-  objective = lambda x: sum(G.loss_terms(module, params, x, dev, row, cfg, info, ())[0].values())
+  objective = lambda x: sum(
+      objective_lib.loss_terms(module, params, x, dev, row, cfg, info, ())[0].values())
   total, grad = jax.value_and_grad(objective)(jnp.asarray(ref["images0"]))
   return (abs(float(total) - ref["total"][0]) / abs(ref["total"][0]),
           parity_util.cosine(grad, ref["grad"][0]))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import platform
 from typing import Any, Callable
@@ -14,8 +13,11 @@ import optax
 
 from spdfq_jax import parallel
 from spdfq_jax.models import zoo
+from spdfq_jax.synth import draws as draws_lib
+from spdfq_jax.synth import layout as layout_lib
+from spdfq_jax.synth import plan as plan_lib
+from spdfq_jax.synth import step as step_lib
 
-G = importlib.import_module("spdfq_jax.synth.generate")
 FMNIST_VIT = dict(num_classes=10, img_size=32, patch_size=4, width=96, depth=6, num_heads=4)
 
 
@@ -38,25 +40,25 @@ def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool
 
   With `donate` the step consumes its image, Adam, counter and log arguments: call it
   as `args = advance(args, step(*args))`. Without, the same arguments can be reused."""
-  info = G.model_info(module, params, cfg)
-  blocks = G.apa_block_indices(info, cfg) if cfg.apa else ()
-  labels = G.draw_labels(cfg, info)
-  pri = G.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
+  info = layout_lib.model_info(module, params, cfg)
+  blocks = layout_lib.apa_block_indices(info, cfg) if cfg.apa else ()
+  labels = draws_lib.draw_labels(cfg, info)
+  pri = draws_lib.draw_priors(module, params, cfg, info, blocks, None) if cfg.apa else []
   mesh = parallel.data_mesh()
   rep = parallel.replicated(mesh)
   n = cfg.num_images
   fixed = parallel.shard_batch({"index": np.arange(n, dtype=np.int32),
                                 "mask": np.ones(n, np.float32), "targets": labels["targets"],
                                 "region_targets": labels["region_targets"], "priors": pri}, mesh)
-  x0 = G.initial_images(cfg, info)
+  x0 = draws_lib.initial_images(cfg, info)
   x = parallel.shard_batch(x0, mesh)
   state = optax.ScaleByAdamState(jax.device_put(np.int32(0), rep),
                                  parallel.shard_batch(np.zeros_like(x0), mesh),
                                  parallel.shard_batch(np.zeros_like(x0), mesh))
-  table = jax.device_put(G.make_plan(cfg, info).table(), rep)
+  table = jax.device_put(plan_lib.make_plan(cfg, info).table(), rep)
   params = jax.device_put(params, rep)
-  log = jax.device_put(G.empty_log(module, params, x, fixed, table, cfg, info, blocks), rep)
-  step = G.make_step(module, cfg, info, blocks, mesh)
+  log = jax.device_put(step_lib.empty_log(module, params, x, fixed, table, cfg, info, blocks), rep)
+  step = step_lib.make_step(module, cfg, info, blocks, mesh)
   if not donate:
     step = jax.jit(step.__wrapped__)
   return step, (params, x, state, fixed, table, jax.device_put(np.int32(5), rep), log)

@@ -39,9 +39,8 @@ PSAQ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 def psaq_case(name: str):
   """(module, params, psaq config, ModelInfo, per-image fixed arrays, reference arrays) of a
   fixture written by tests/fixtures/make_psaq_reference.py."""
-  import importlib  # pylint: disable=g-import-not-at-top
   from spdfq_jax import models, synth  # pylint: disable=g-import-not-at-top
-  generate = importlib.import_module("spdfq_jax.synth.generate")
+  from spdfq_jax.synth import layout as layout_lib  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(PSAQ_DIR, f"{name}.npz"), allow_pickle=False) as f:
     ref = dict(f)
   arch = json.loads(str(ref["arch"]))
@@ -51,7 +50,7 @@ def psaq_case(name: str):
   cfg = synth.default_config("psaq", arch["family"])
   b = ref["images0"].shape[0]
   cfg.update(num_images=b, mean=tuple(ref["mean"].tolist()), std=tuple(ref["std"].tolist()))
-  info = generate.model_info(module, params, cfg)
+  info = layout_lib.model_info(module, params, cfg)
   fixed = {"targets": np.eye(info.num_classes, dtype=np.float32)[ref["labels"]],
            "region_targets": np.zeros((b, 4, info.num_classes), np.float32), "priors": []}
   return module, params, cfg, info, fixed, ref
@@ -59,12 +58,12 @@ def psaq_case(name: str):
 
 def psaq_plan(ref: dict[str, np.ndarray], steps: int | None = None):
   """The reference's recorded lr, offsets, flips and TV target as a `Plan`."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  generate = importlib.import_module("spdfq_jax.synth.generate")
+  from spdfq_jax.synth import plan as plan_lib  # pylint: disable=g-import-not-at-top
   s = len(ref["lr"]) if steps is None else steps
   z = np.zeros(s, np.int32)
-  return generate.Plan(ref["lr"][:s].astype(np.float32), ref["shift"][:s].astype(np.int32),
-                       ref["flip"][:s].astype(bool), z, z.astype(bool), float(ref["tv_target"]))
+  return plan_lib.Plan(ref["lr"][:s].astype(np.float32), ref["shift"][:s].astype(np.int32),
+                       ref["flip"][:s].astype(bool), z, z.astype(bool),
+                       float(ref["tv_target"]))
 
 
 def cosine(a, b) -> float:

@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from spdfq_jax import main
+from spdfq_jax import workdir as workdir_lib
 from spdfq_jax.models import convert, native, zoo
 from spdfq_jax.quant import config as quant_config
 from spdfq_jax.synth import config as synth_config
@@ -52,7 +53,7 @@ def _refused(tmp_path, match, **fields) -> str:
   with pytest.raises(main.InputError, match=match) as e:
     main.run(_config(**fields), str(tmp_path / "work"), _stages())
   # A refused run leaves no config behind, so the corrected command is not refused in turn.
-  assert not (tmp_path / "work" / main.CONFIG_FILE).exists()
+  assert not (tmp_path / "work" / workdir_lib.CONFIG_FILE).exists()
   return str(e.value)
 
 
@@ -303,7 +304,7 @@ def test_workdir_not_writable(tmp_path):
 
 
 def test_workdir_holding_another_config(tmp_path):
-  main.write_config(str(tmp_path), _config())
+  workdir_lib.write_config(str(tmp_path), _config())
   changed = _config(**{"quant.w_bits": 3, "synth.iterations": 7, "data.workers": 9,
                        "title": "another title"})
   with pytest.raises(main.InputError) as e:
@@ -312,14 +313,14 @@ def test_workdir_holding_another_config(tmp_path):
   assert "holds a run of another config (2 fields differ)" in msg
   assert "quant.w_bits: 4 -> 3" in msg and "synth.iterations: 100 -> 7" in msg
   assert "--reuse_workdir" in msg and "workers" not in msg
-  main.prepare_workdir(str(tmp_path), changed, reuse=True)  # allowed when asked for
-  main.write_config(str(tmp_path), changed)
+  workdir_lib.prepare_workdir(str(tmp_path), changed, reuse=True)  # allowed when asked for
+  workdir_lib.write_config(str(tmp_path), changed)
   # A config from before a field was added (model.arch) is the same run.
   old = json.load(open(tmp_path / "config.json"))
   assert old["quant"]["w_bits"] == 3
   del old["model"]["arch"]
   json.dump(old, open(tmp_path / "config.json", "w"))
-  main.prepare_workdir(str(tmp_path), changed, reuse=False)
+  workdir_lib.prepare_workdir(str(tmp_path), changed, reuse=False)
 
 
 def test_export_path_that_exists(tmp_path):

@@ -6,7 +6,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from spdfq_jax import main
+from spdfq_jax import rows as rows_lib
 from spdfq_jax.models import convert, zoo
 from spdfq_jax.quant import config as quant_config
 from spdfq_jax.synth import config as synth_config
@@ -32,16 +32,16 @@ def _check(c):
   assert c.data.source in ("auto", "folder", "tfds")
   assert c.eval.batch_size > 0 and c.eval.limit >= 0 and c.num_images > 0
   family = "vit"
-  for method, w, a in main.rows_of(c):
-    assert method in synth_config.METHODS + (main.REAL,)
+  for method, w, a in rows_lib.rows_of(c):
+    assert method in synth_config.METHODS + (rows_lib.REAL,)
     assert 2 <= w <= 8 and 2 <= a <= 8
-    if method != main.REAL:
+    if method != rows_lib.REAL:
       scfg = synth_config.default_config(method, family)
-      for k, v in main.set_fields(c.synth).items():
-        main._assign(scfg, k, v)  # every set synthesis field exists
+      for k, v in rows_lib.set_fields(c.synth).items():
+        rows_lib.assign(scfg, k, v)  # every set synthesis field exists
       assert scfg.iterations % scfg.rounds == 0
-    stages = main.Stages(None, None, None, quant_config.default_config, None, None)
-    q = main.quant_config(stages, c, w, a)  # validates
+    stages = rows_lib.Stages(None, None, None, quant_config.default_config, None, None)
+    q = rows_lib.quant_config(stages, c, w, a)  # validates
     assert (q.weights.bits, q.acts.bits) == (w, a)
 
 
@@ -71,10 +71,10 @@ def test_vitb_w4a4_and_overrides():
               "--config.synth.iterations=4", "--config.quant.recon.iters=2",
               "--config.data.dir=/tmp/x", "--config.methods=noise,spdfq"])
   assert c.model.name == "vit_base_patch16_224" and c.paper.spdfq_w4a4 == pytest.approx(51.84)
-  assert main.rows_of(c) == [("noise", 3, 4), ("spdfq", 3, 4)]
-  assert main.set_fields(c.synth) == {"iterations": 4}
-  stages = main.Stages(None, None, None, quant_config.default_config, None, None)
-  assert main.quant_config(stages, c, 3, 4).recon.iters == 2
+  assert rows_lib.rows_of(c) == [("noise", 3, 4), ("spdfq", 3, 4)]
+  assert rows_lib.set_fields(c.synth) == {"iterations": 4}
+  stages = rows_lib.Stages(None, None, None, quant_config.default_config, None, None)
+  assert rows_lib.quant_config(stages, c, 3, 4).recon.iters == 2
   with pytest.raises(Exception):
     _parse([f"--config={ROOT}/configs/vitb_w4a4.py", "--config.quant.no_such_field=1"])
 
@@ -82,7 +82,7 @@ def test_vitb_w4a4_and_overrides():
 @pytest.mark.parametrize("name", ["fmnist_compare", "scenes_compare"])
 def test_compare_config_rows(name):
   c = _parse([f"--config={ROOT}/configs/{name}.py"])
-  rows = main.rows_of(c)
+  rows = rows_lib.rows_of(c)
   assert len(rows) == 10 and {m for m, _, _ in rows} == {"noise", "inversion", "psaq", "spdfq",
                                                           "real"}
   assert {(w, a) for _, w, a in rows} == {(4, 4), (3, 3)}

@@ -18,7 +18,11 @@ from spdfq_jax.quant import qmodel
 sys.path.insert(0, os.path.dirname(__file__))
 import synth_child  # noqa: E402
 
-G = importlib.import_module("spdfq_jax.synth.generate")
+G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
+from spdfq_jax.synth import draws as draws_lib
+from spdfq_jax.synth import layout as layout_lib
+from spdfq_jax.synth import plan as plan_lib
+from spdfq_jax.synth import step as step_lib
 R = importlib.import_module("spdfq_jax.quant.reconstruct")
 C = importlib.import_module("spdfq_jax.quant.calibrate")
 
@@ -31,13 +35,14 @@ def _tiny_swin():
 def _setup(cfg, module):
   params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
   params = params["params"]
-  info = G.model_info(module, params, cfg)
-  blocks = G.apa_block_indices(info, cfg)
-  labels = G.draw_labels(cfg, info)
-  pri = G.draw_priors(module, params, cfg, info, blocks, None)
+  info = layout_lib.model_info(module, params, cfg)
+  blocks = layout_lib.apa_block_indices(info, cfg)
+  labels = draws_lib.draw_labels(cfg, info)
+  pri = draws_lib.draw_priors(module, params, cfg, info, blocks, None)
   fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
            "priors": pri if cfg.apa else []}
-  return module, params, info, blocks, G.initial_images(cfg, info), fixed, G.make_plan(cfg, info)
+  return (module, params, info, blocks, draws_lib.initial_images(cfg, info), fixed,
+          plan_lib.make_plan(cfg, info))
 
 
 def _run(cfg, module=None, plan=None, monkeypatch=None, **kw):
@@ -151,10 +156,10 @@ def test_remat_is_in_the_compiled_step():
   """remat really recomputes: the step's program holds a checkpoint (remat) region."""
   cfg = synth_child.tiny_config("spdfq", remat=True)
   module, params, info, blocks, x0, fixed, plan = _setup(cfg, synth_child.tiny_vit())
-  net = G.step_module(module, cfg)
+  net = step_lib.step_module(module, cfg)
   text = str(jax.make_jaxpr(jax.grad(lambda x: net.apply({"params": params}, x).sum()))(x0))
   assert "checkpoint" in text or "remat" in text
-  plain = G.step_module(module, synth_child.tiny_config("spdfq"))
+  plain = step_lib.step_module(module, synth_child.tiny_config("spdfq"))
   text = str(jax.make_jaxpr(jax.grad(lambda x: plain.apply({"params": params}, x).sum()))(x0))
   assert "checkpoint" not in text and "remat" not in text
 

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from spdfq_jax import main
+from spdfq_jax import main, pipeline
+from spdfq_jax import rows as rows_lib
+from spdfq_jax import workdir as workdir_lib
 from spdfq_jax.data import fashion_mnist
 from spdfq_jax.models import zoo
 from spdfq_jax.synth import config as synth_config
@@ -165,11 +167,13 @@ def test_real_row_reads_training_images(tmp_path):
 
 
 def test_default_workdir_and_bits():
-  assert main.default_workdir("configs/vit_base.py:w6a6") == os.path.join("workdirs", "vit_base_w6a6")
-  assert main.default_workdir("configs/fmnist_w4a4.py") == os.path.join("workdirs", "fmnist_w4a4")
-  assert main.parse_bits("w4a4, W3A3") == [(4, 4), (3, 3)]
+  assert (workdir_lib.default_workdir("configs/vit_base.py:w6a6")
+          == os.path.join("workdirs", "vit_base_w6a6"))
+  assert (workdir_lib.default_workdir("configs/fmnist_w4a4.py")
+          == os.path.join("workdirs", "fmnist_w4a4"))
+  assert rows_lib.parse_bits("w4a4, W3A3") == [(4, 4), (3, 3)]
   with pytest.raises(ValueError):
-    main.parse_bits("4/4")
+    rows_lib.parse_bits("4/4")
 
 
 def test_new_weights_at_the_same_path_are_not_reused(tmp_path):
@@ -177,13 +181,13 @@ def test_new_weights_at_the_same_path_are_not_reused(tmp_path):
   ckpt.write_bytes(b"a")
   c = _config()
   c.model.checkpoint = str(ckpt)
-  scfg = lambda: main.synth_plan(FakeStages().stages(), _tiny_model()[0], "spdfq", c,
-                                 zoo.Preprocessing())[1]
+  scfg = lambda: pipeline.synth_plan(FakeStages().stages(), _tiny_model()[0], "spdfq", c,
+                                     zoo.Preprocessing())[1]
   before = scfg()
   ckpt.write_bytes(b"bb")
   assert scfg() != before
   c.data.workers = 7
-  assert main.data_key(c) == main.data_key(_config())
+  assert workdir_lib.data_key(c) == workdir_lib.data_key(_config())
 
 
 def _real_generate(steps, stop_at=None):
@@ -225,7 +229,8 @@ def test_older_nested_synthesis_dir_resumes(tmp_path):
 
   # What the previous main left after a kill at step 2: a checkpoint at step 2, nested.
   module, params = _tiny_model()
-  scfg, name2 = main.synth_plan(stages, module, "inversion", c, fashion_mnist.preprocessing(1))
+  scfg, name2 = pipeline.synth_plan(stages, module, "inversion", c,
+                                    fashion_mnist.preprocessing(1))
   assert name2 == name
   old = tmp_path / "old" / "synthetic" / name
   with pytest.raises(Killed):

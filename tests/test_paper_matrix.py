@@ -27,6 +27,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from spdfq_jax import main, quant
+from spdfq_jax import rows as rows_lib
 from spdfq_jax.data import imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +138,7 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
   out = main.run(config, str(tmp_path / "work"), stages, config_name=config_arg)
 
   methods = [m.strip() for m in config.methods.split(",")]
-  bits = main.rows_of(config)[0][1:]
+  bits = rows_lib.rows_of(config)[0][1:]
   assert [(r["method"], r["w_bits"], r["a_bits"]) for r in out["rows"]] == \
       [(m,) + bits for m in methods]
   assert os.path.exists(tmp_path / "work" / "report.md")
@@ -145,7 +146,7 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
     for key in ("fp_top1", "fp_top5", "quant_top1", "quant_top5"):
       assert math.isfinite(row[key]) and 0 <= row[key] <= 100, (row["method"], key)
     assert row["eval_count"] == (6 if fixture else 8)
-    if row["method"] != main.REAL:
+    if row["method"] != rows_lib.REAL:
       assert {"prior_fit", "prior_fit_chance", "class_fit"} <= set(row), row["method"]
       for png in ("grid.png", "attention.png"):
         assert os.path.exists(os.path.join(row["synth_dir"], png)), (row["method"], png)

@@ -16,7 +16,9 @@ import parity_util
 from spdfq_jax.models import taps
 from spdfq_jax.synth import losses
 
-G = importlib.import_module("spdfq_jax.synth.generate")
+G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
+from spdfq_jax.synth import objective as objective_lib
+from spdfq_jax.synth import plan as plan_lib
 
 
 @pytest.fixture(scope="module", params=["vit", "swin"])
@@ -45,7 +47,7 @@ def test_fixture_names_the_reference_commit(case):
 def test_lr_schedule_equals_reference(case):
   _, _, _, cfg, _, _, ref = case
   assert cfg.lr == pytest.approx(float(ref["base_lr"]))
-  lr = G.lr_schedule(cfg)
+  lr = plan_lib.lr_schedule(cfg)
   np.testing.assert_allclose(lr[:500], ref["round_lr"], rtol=1e-6)
   np.testing.assert_allclose(lr[500:], ref["round_lr"], rtol=1e-6)  # restarts, same shape
   np.testing.assert_allclose(lr[ref["round_of_step"] * 500 + ref["itr_of_step"]], ref["lr"],
@@ -64,15 +66,15 @@ def test_loss_terms_and_gradient_equal_reference(case, k):
   b = x.shape[0]
   dev = _device_fixed(fixed, b)
 
-  xa = G.augment(x, row["shift"], row["flip"])
+  xa = objective_lib.augment(x, row["shift"], row["flip"])
   _, _, attn_vs = taps.apply_with_attention(module, {"params": params}, xa)
-  ent = losses.block_entropies(attn_vs, info.heads, G.entropy_skip(cfg, info), b,
+  ent = losses.block_entropies(attn_vs, info.heads, objective_lib.entropy_skip(cfg, info), b,
                                cfg.entropy_bandwidth, cfg.entropy_points, jnp.ones(b))
   np.testing.assert_allclose([float(e.mean()) for e in ent], ref["entropy"][step], rtol=1e-4,
                              atol=1e-6)
 
   def objective(x):
-    terms, _ = G.loss_terms(module, params, x, dev, row, cfg, info, ())
+    terms, _ = objective_lib.loss_terms(module, params, x, dev, row, cfg, info, ())
     return sum(terms.values()), terms
 
   (total, terms), grad = jax.value_and_grad(objective, has_aux=True)(x)
@@ -104,7 +106,7 @@ def test_per_image_grid_variant_differs(case):
   x = jnp.asarray(ref["images0"])
   b = x.shape[0]
   _, _, attn_vs = taps.apply_with_attention(module, {"params": params}, x)
-  skip = G.entropy_skip(cfg, info)
+  skip = objective_lib.entropy_skip(cfg, info)
   batch = losses.patch_entropy_loss(attn_vs, info.heads, skip, b, mask=jnp.ones(b))
   image = losses.patch_entropy_loss(attn_vs, info.heads, skip, b)
   assert _rel(image, np.asarray(batch)) > 1e-3

@@ -2,7 +2,6 @@
 
 Each test names the wrong variant it rules out.
 """
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,11 @@ import pytest
 
 from spdfq_jax import synth
 from spdfq_jax.models import taps, zoo
-from spdfq_jax.synth import losses, priors, regions
-
-G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
+from spdfq_jax.synth import losses, regions
+from spdfq_jax.synth import draws as draws_lib
+from spdfq_jax.synth import layout as layout_lib
+from spdfq_jax.synth import objective as objective_lib
+from spdfq_jax.synth import step as step_lib
 
 
 def _tiny_vit(depth=4, prefix_distilled=False):
@@ -38,14 +39,14 @@ def test_apa_loss_end_to_end_selects_deep_half_with_depth_weights(depth, blocks,
   module, params = _tiny_vit(depth)
   cfg = synth.default_config("spdfq")
   cfg.update(num_images=3, msr=False, sl=False, tv_weight=0.0, alpha1=7.0)
-  info = G.model_info(module, params, cfg)
-  assert G.apa_block_indices(info, cfg) == blocks
-  pri = G.draw_priors(module, params, cfg, info, blocks, None)
+  info = layout_lib.model_info(module, params, cfg)
+  assert layout_lib.apa_block_indices(info, cfg) == blocks
+  pri = draws_lib.draw_priors(module, params, cfg, info, blocks, None)
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 16, 16, 3))
   fixed = {"mask": jnp.ones(3), "index": jnp.arange(3), "targets": jnp.eye(10)[:3],
            "region_targets": jnp.zeros((3, 4, 10)), "priors": [jnp.asarray(p) for p in pri]}
-  terms, _ = G.loss_terms(module, params, x, fixed, _no_jitter_row(), cfg, info,
-                          G.apa_block_indices(info, cfg))
+  terms, _ = objective_lib.loss_terms(module, params, x, fixed, _no_jitter_row(), cfg, info,
+                                      layout_lib.apa_block_indices(info, cfg))
   _, attns, _ = taps.apply_with_attention(module, {"params": params}, x)
   expected = 0.0
   for l, w, p in zip(blocks, weights, pri):
@@ -59,8 +60,8 @@ def test_apa_all_blocks_unweighted_variant():
   module, params = _tiny_vit(4)
   cfg = synth.default_config("spdfq")
   cfg.update(apa_blocks="all", depth_weight=False)
-  info = G.model_info(module, params, cfg)
-  assert G.apa_block_indices(info, cfg) == (0, 1, 2, 3)
+  info = layout_lib.model_info(module, params, cfg)
+  assert layout_lib.apa_block_indices(info, cfg) == (0, 1, 2, 3)
   assert losses.depth_weights((0, 1, 2, 3), 4, cfg.depth_weight) == [1.0] * 4
 
 
@@ -91,8 +92,8 @@ def test_draw_labels_exact_soft_targets_of_each_own_class(sl):
   class, the whole target from a region's class, a wrong z."""
   cfg = synth.default_config("spdfq")
   cfg.update(num_images=6, seed=11, sl=sl)
-  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
-  got = G.draw_labels(cfg, info)
+  info = layout_lib.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  got = draws_lib.draw_labels(cfg, info)
   c = 10
   for i in range(6):
     g = np.random.default_rng([11, 2, i])
@@ -112,8 +113,8 @@ def test_draw_labels_exact_soft_targets_of_each_own_class(sl):
 def test_whole_target_with_region_classes_variant():
   cfg = synth.default_config("spdfq")
   cfg.update(num_images=1, seed=3, whole_target_has_regions=True)
-  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
-  got = G.draw_labels(cfg, info)["targets"][0]
+  info = layout_lib.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  got = draws_lib.draw_labels(cfg, info)["targets"][0]
   g = np.random.default_rng([3, 2, 0])
   cls, z, rcls, rz = g.integers(0, 10), g.uniform(5, 10), g.integers(0, 10, 4), g.uniform(5, 10, 4)
   logits = np.zeros(10)
@@ -156,31 +157,13 @@ def test_start_is_unclamped_noise_unless_clamp_init():
   """PSAQ-ViT starts from plain N(0, 1) and clips only after a step."""
   cfg = synth.default_config("psaq")
   cfg.update(num_images=4)
-  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
-  lo, hi = G.pixel_range(cfg, 3)
-  x = G.initial_images(cfg, info)
+  info = layout_lib.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (16, 16, 3))
+  lo, hi = layout_lib.pixel_range(cfg, 3)
+  x = draws_lib.initial_images(cfg, info)
   assert (x < lo).any() and (x > hi).any()
   assert 0.9 < x.std() < 1.1
   cfg.clamp_init = True
-  np.testing.assert_array_equal(G.initial_images(cfg, info), np.clip(x, lo, hi))
-
-
-def test_plan_draws_like_the_reference():
-  """Offsets uniform on [-lim, lim] inclusive (15 then 30 px at 224 px), flips at p 0.5,
-  one TV target for the run in U(2500, 3000), lr restarting each round."""
-  cfg = synth.default_config("psaq")
-  info = G.ModelInfo(False, 1, 4, (2,) * 4, (4,) * 4, 10, (224, 224, 3))
-  plan = G.make_plan(cfg, info)
-  first, second = plan.shift[:500], plan.shift[500:]
-  assert first.min() == -15 and first.max() == 15
-  assert second.min() == -30 and second.max() == 30
-  assert 0.4 < plan.flip.mean() < 0.6
-  assert 2500 <= plan.tv_target <= 3000
-  assert plan.lr[0] == pytest.approx(0.2 / 100) and plan.lr[500] == pytest.approx(0.2 / 100)
-  assert plan.lr[100] == pytest.approx(0.2)
-  cfg.update(flip=False, jitter=(0, 0))
-  plan = G.make_plan(cfg, info)
-  assert not plan.flip.any() and not plan.shift.any()
+  np.testing.assert_array_equal(draws_lib.initial_images(cfg, info), np.clip(x, lo, hi))
 
 
 def test_prior_fit_is_pearson_of_renormalised_cls_rows():
@@ -200,31 +183,6 @@ def test_prior_fit_is_pearson_of_renormalised_cls_rows():
   np.testing.assert_allclose(fit, want, rtol=1e-4, atol=1e-6)
 
 
-def test_run_diagnostics_measure_class_and_prior_fit():
-  """The recorded fit of a run equals an independent recount on its images."""
-  module, params = _tiny_vit(4)
-  cfg = synth.default_config("inversion")
-  cfg.update(num_images=3, iterations=20, warmup=2, tv_weight=0.0)
-  res = synth.generate(module, params, cfg, progress=False)
-  logits, attns, _ = taps.apply_with_attention(module, {"params": params}, res.images)
-  d = res.diagnostics
-  hits = np.argmax(logits, -1) == res.classes
-  assert 0 < hits.mean() and d["class_fit"] == pytest.approx(hits.mean())
-  per_block = []
-  for l, p in zip(res.apa_blocks, res.priors):
-    row = np.asarray(attns[l])[:, :, 0, 1:]
-    per_block.append([[np.corrcoef(row[i, j], p[i, j])[0, 1] for j in range(2)]
-                      for i in range(3)])
-  np.testing.assert_allclose(d["prior_fit"], np.mean(per_block), atol=1e-4)
-  assert len(d["prior_fit_per_block"]) == len(res.apa_blocks) == 3
-  # Chance: the same images against fresh mixtures (those of images 3..5 of the seed).
-  fresh = priors.draw_priors(cfg.seed, np.arange(3, 6), [(2, 4)] * 3, cfg.k_apa,
-                             tuple(cfg.sigma_range))
-  chance = [[[np.corrcoef(np.asarray(attns[l])[i, j, 0, 1:], p[i, j])[0, 1] for j in range(2)]
-             for i in range(3)] for l, p in zip(res.apa_blocks, fresh)]
-  np.testing.assert_allclose(d["prior_fit_chance"], np.mean(chance), atol=1e-4)
-
-
 def _pixel_oracle(prior: np.ndarray, grid: int, patch: int, shift: int, flip: bool
                   ) -> np.ndarray:
   """A prior moved as the image is: painted onto the pixels (each cell a patch), rolled and
@@ -232,7 +190,7 @@ def _pixel_oracle(prior: np.ndarray, grid: int, patch: int, shift: int, flip: bo
   lead = prior.shape[:-1]
   cells = prior.reshape(-1, grid, grid)
   pixels = np.repeat(np.repeat(cells, patch, 1), patch, 2)[..., None]  # (N, S, S, 1)
-  moved = np.asarray(G.augment(jnp.asarray(pixels), jnp.int32(shift), jnp.bool_(flip)))
+  moved = np.asarray(objective_lib.augment(jnp.asarray(pixels), jnp.int32(shift), jnp.bool_(flip)))
   back = moved[..., 0].reshape(-1, grid, patch, grid, patch).mean((2, 4))
   return back.reshape(lead + (grid * grid,))
 
@@ -250,11 +208,11 @@ def test_priors_follow_the_jitter_of_the_image(shift, whole, flip):
   cfg = synth.default_config("spdfq")
   cfg.update(num_images=3, msr=False, sl=False, tv_weight=0.0, alpha1=5.0,
              apa_follows_jitter=True)
-  info = G.model_info(module, params, cfg)
-  blocks = G.apa_block_indices(info, cfg)
-  pri = G.draw_priors(module, params, cfg, info, blocks, None)
-  moved = G.jitter_priors([jnp.asarray(p) for p in pri], jnp.int32(shift), jnp.bool_(flip),
-                          info, blocks)
+  info = layout_lib.model_info(module, params, cfg)
+  blocks = layout_lib.apa_block_indices(info, cfg)
+  pri = draws_lib.draw_priors(module, params, cfg, info, blocks, None)
+  moved = objective_lib.jitter_priors([jnp.asarray(p) for p in pri], jnp.int32(shift),
+                                      jnp.bool_(flip), info, blocks)
   for p, m in zip(pri, moved):
     want = _pixel_oracle(p, 4, 4, whole, flip)
     np.testing.assert_allclose(m, want, rtol=1e-6)
@@ -264,31 +222,15 @@ def test_priors_follow_the_jitter_of_the_image(shift, whole, flip):
   fixed = {"mask": jnp.ones(3), "index": jnp.arange(3), "targets": jnp.eye(10)[:3],
            "region_targets": jnp.zeros((3, 4, 10)), "priors": [jnp.asarray(p) for p in pri]}
   row = dict(_no_jitter_row(), shift=np.int32(shift), flip=np.bool_(flip))
-  terms, _ = G.loss_terms(module, params, x, fixed, row, cfg, info, blocks)
-  _, attns, _ = taps.apply_with_attention(module, {"params": params}, G.augment(x, shift, flip))
+  terms, _ = objective_lib.loss_terms(module, params, x, fixed, row, cfg, info, blocks)
+  _, attns, _ = taps.apply_with_attention(module, {"params": params},
+                                          objective_lib.augment(x, shift, flip))
   expected = 0.0
   for l, p in zip(blocks, pri):
     got = np.asarray(attns[l])[:, :, 0, 1:]
     got = got / got.sum(-1, keepdims=True)
     expected += (l + 1) / 4 * ((got - _pixel_oracle(p, 4, 4, whole, flip)) ** 2).mean(-1).sum(-1)
   np.testing.assert_allclose(terms["apa"], 5.0 * expected.mean(), rtol=1e-5)
-
-
-def test_follows_jitter_rolls_the_image_by_whole_patches():
-  """With the option the plan's offsets are the reference's draws rounded to the nearest
-  multiple of the patch (16 px on a 14 x 14 grid at 224 px); without APA, or without the
-  option, they are the draws themselves. Rules out rounding down, rounding by cells of the
-  wrong size, and rounding runs that have no priors to follow."""
-  info = G.ModelInfo(False, 1, 4, (2,) * 4, (14,) * 4, 10, (224, 224, 3))
-  cfg = synth.default_config("spdfq")
-  raw = G.make_plan(cfg, info).shift
-  assert (raw % 16).any()
-  cfg.apa_follows_jitter = True
-  rounded = G.make_plan(cfg, info).shift
-  np.testing.assert_array_equal(rounded, 16 * np.round(raw / 16))
-  assert rounded.min() == -32 and rounded.max() == 32  # round 2 draws reach +-30 px
-  cfg.apa = False
-  np.testing.assert_array_equal(G.make_plan(cfg, info).shift, raw)
 
 
 def test_priors_follow_jitter_is_off_by_default_and_refused_for_swin():
@@ -302,6 +244,6 @@ def test_priors_follow_jitter_is_off_by_default_and_refused_for_swin():
   module = zoo.custom_swin(num_classes=10, img_size=16, patch_size=2, embed_dim=8,
                            depths=(2, 2), num_heads=(2, 2), window_size=4)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
-  info = G.model_info(module, params, cfg)
+  info = layout_lib.model_info(module, params, cfg)
   with pytest.raises(ValueError, match="apa_follows_jitter"):
-    G.make_step(module, cfg, info, G.apa_block_indices(info, cfg), None)
+    step_lib.make_step(module, cfg, info, layout_lib.apa_block_indices(info, cfg), None)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from spdfq_jax import checkpoint
+from spdfq_jax.synth.objective import apa_maps
 
 
 def denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -90,7 +91,6 @@ def save_figures(directory: str, module, params: Any, result, cfg, info) -> None
   image_grid(result.images, cfg.mean, cfg.std, os.path.join(directory, "grid.png"))
   if not result.priors:
     return
-  from spdfq_jax.synth.generate import apa_maps
   n = min(4, len(result.images))
   last = result.apa_blocks[-1]
   got = jax.jit(lambda p, x: apa_maps(module, p, x, info, (last,)))(params, result.images[:n])[0]
