@@ -142,14 +142,23 @@ def test_nan_in_the_middle_of_a_block_names_its_step():
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_remat_and_microbatches_give_the_same_images(family):
   """SPDFQ (APA, MSR, SL, batch TV) on 5 images: per-block remat, and 2 micro-batches (the
-  batch padded to 6, the TV on the whole batch), move the pixels as the plain step does."""
+  batch padded to 6, the TV on the whole batch), give the plain step's loss terms at every
+  step and move the pixels as it does. Remat and the split change only XLA's fusion, hence
+  float rounding; Adam divides each pixel's gradient by its own running size, so where a
+  gradient is near zero that rounding reaches the pixel at up to ~lr, which is why the images
+  are held at 1e-4 (the step moves them by 0.1) and the terms at rtol 1e-5."""
   module = synth_child.tiny_vit() if family == "vit" else _tiny_swin()
   cfg = lambda **kw: synth_child.tiny_config("spdfq", iterations=4, warmup=1, **kw)
-  plain = _run(cfg(), module)
+  terms = lambda log: np.array([[t[k] for k in sorted(t)] for _, t in log], np.float64)
+  log = []
+  plain = _run(cfg(), module, callback=lambda s, t: log.append((s, t)))
   x0 = _setup(cfg(), module)[4]
   assert np.abs(plain - x0).max() > 0.1  # the step moves pixels by about lr per step
   for variant in ({"remat": True}, {"microbatches": 2}):
-    np.testing.assert_allclose(_run(cfg(**variant), module), plain, atol=2e-5, err_msg=variant)
+    got_log = []
+    got = _run(cfg(**variant), module, callback=lambda s, t: got_log.append((s, t)))
+    np.testing.assert_allclose(terms(got_log), terms(log), rtol=1e-5, err_msg=variant)
+    np.testing.assert_allclose(got, plain, atol=1e-4, err_msg=variant)
 
 
 def test_remat_is_in_the_compiled_step():
