@@ -10,7 +10,7 @@ import pytest
 
 from spdfq_jax import quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import point_stats
 from spdfq_jax.quant import quantizers as Q
 
 recon_lib = importlib.import_module("spdfq_jax.quant.reconstruct")
@@ -116,7 +116,7 @@ def test_degenerate_softmax_quantizers(name):
   lo, hi = Q.minmax_range(x, (0, 1))
   for kind in ("log2", "log_sqrt2", "shift_log2"):
     spec = quant.config.PointSpec(kind, 4, shift=0.1 if kind == "shift_log2" else None)
-    state = qmodel.finalize(spec, {"lo": lo, "hi": hi})
+    state = point_stats.finalize(spec, {"lo": lo, "hi": hi})
     assert all(np.isfinite(np.asarray(v)).all() for v in state.values())
     if kind == "shift_log2":
       out = Q.shift_log2_quant(x, state["scale"], state["zero"], state["shift"], 4)

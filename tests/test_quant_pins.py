@@ -10,7 +10,7 @@ import pytest
 from spdfq_jax import evaluate
 from spdfq_jax import quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import point_stats
 from spdfq_jax.quant import quantizers as Q
 
 recon_lib = importlib.import_module("spdfq_jax.quant.reconstruct")  # the module, not the function
@@ -70,7 +70,7 @@ def _calib_images():
   centre of bin j and the rest below bin j. The 99.99th percentile of 32 * 16 * 16 * 3 =
   24576 values then lies inside that block of twenty (numpy's two interpolation neighbours
   and the histogram's count threshold all fall there), halfway between two bin edges."""
-  nbins = qmodel.NBINS
+  nbins = point_stats.NBINS
   w = 2.0 / nbins
   j = 3 * nbins // 4
   n = 32 * 16 * 16 * 3

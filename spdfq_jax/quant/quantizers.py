@@ -26,6 +26,12 @@ import numpy as np
 
 GRANULARITIES = ("tensor", "channel", "token")
 EPS = 1e-8  # smallest scale: a constant tensor quantizes to itself instead of NaN
+# Percentile candidates of I&S-ViT's UniformQuantizer (quant/quantizer.py): the range of a
+# candidate p is [quantile(1 - p), quantile(p)].
+ACT_CANDIDATES = (0.999, 0.9999, 0.99999)
+WEIGHT_CANDIDATES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
+# Shift candidates of its post-softmax quantizer.
+LOG2_SHIFTS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def check_bits(bits: int) -> int:
@@ -92,13 +98,18 @@ def scale_zero(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool = False
 
 def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int,
                symmetric: bool = False) -> jax.Array:
-  """Uniform fake quantization; scale/zero broadcast against x (shape () or (C,))."""
+  """Uniform fake quantization; scale/zero broadcast against x (shape () or (C,)).
+
+  round(x / scale) + zero, clipped to the grid, back to floats; the gradient w.r.t. x is the
+  identity where the rounded code lies on the grid and zero where it was clipped. The zero
+  point need not be an integer (the reparameterised mean of per-channel zero points is not).
+  """
   qmin, qmax = qrange(bits, symmetric)
   scale = jax.lax.stop_gradient(scale)
   zero = jax.lax.stop_gradient(zero)
-  v = jax.lax.stop_gradient(x) / scale + zero
-  xq = (jnp.clip(jnp.round(v), qmin, qmax) - zero) * scale
-  inside = (v >= qmin) & (v <= qmax)
+  q = jnp.round(jax.lax.stop_gradient(x) / scale) + zero
+  xq = (jnp.clip(q, qmin, qmax) - zero) * scale
+  inside = (q >= qmin) & (q <= qmax)  # the rounded code, bounds included (as torch.clamp)
   return jnp.where(inside, x + jax.lax.stop_gradient(xq - x),
                    jax.lax.stop_gradient(xq)).astype(x.dtype)
 
@@ -144,15 +155,20 @@ def dynamic_fake_quant(x: jax.Array, bits: int, symmetric: bool = False,
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "granularity", "method", "symmetric",
-                                             "pct", "grid"))
+                                             "pct", "grid", "candidates"))
 def quantize_tensor(x: jax.Array, bits: int, granularity: str = "channel",
                     method: str = "minmax", symmetric: bool = False, pct: float = 99.99,
-                    grid: int = 20) -> tuple[jax.Array, jax.Array]:
+                    grid: int = 20, candidates: tuple = WEIGHT_CANDIDATES
+                    ) -> tuple[jax.Array, jax.Array]:
   """(scale, zero) for a whole tensor known in advance (weights), shaped for broadcasting
   against the last axis: () per tensor, (C,) per channel."""
   if granularity == "token":
     raise ValueError("per-token ranges are dynamic; use dynamic_fake_quant")
   axes = reduce_axes(x.ndim, granularity)
+  if method == "percentile_mse":
+    if symmetric:
+      raise ValueError("the percentile-pair search is asymmetric; set symmetric=False")
+    return percentile_mse_search(x, axes, bits, candidates)
   if method == "minmax":
     lo, hi = minmax_range(x, axes)
   elif method == "percentile":
@@ -160,7 +176,8 @@ def quantize_tensor(x: jax.Array, bits: int, granularity: str = "channel",
   elif method == "mse":
     lo, hi = mse_range(x, axes, bits, symmetric, grid)
   else:
-    raise ValueError(f"range method must be 'minmax', 'percentile' or 'mse', got {method!r}")
+    raise ValueError("range method must be 'percentile_mse', 'minmax', 'percentile' or 'mse', "
+                     f"got {method!r}")
   return scale_zero(lo, hi, bits, symmetric)
 
 
@@ -208,3 +225,81 @@ def shift_log2_params(lo: jax.Array, hi: jax.Array, shift: jax.Array, bits: int
   scale = jnp.maximum((t_hi - t_lo) / (qmax - qmin), EPS)
   zero = jnp.round(qmin - t_lo / scale)
   return scale, zero
+
+
+# --- I&S-ViT's searches ------------------------------------------------------------------
+
+
+
+def percentile_mse_search(x: jax.Array, axes: Sequence[int], bits: int,
+                          candidates: Sequence[float]) -> tuple[jax.Array, jax.Array]:
+  """(scale, zero) per range: among the percentile pairs [quantile(1 - p), quantile(p)], the
+  one with the smallest mean squared fake-quantization error (first on ties).
+
+  As I&S-ViT: the range is not widened to include 0 and the zero point round(-lo / scale) is
+  not clipped, so a range of positive values keeps all its levels.
+  """
+  axes = tuple(axes)
+  keep = [a for a in range(x.ndim) if a not in axes]
+  flat = jnp.moveaxis(x, keep, list(range(len(keep)))).reshape(
+      tuple(x.shape[a] for a in keep) + (-1,)).astype(jnp.float32)
+  qmax = 2 ** check_bits(bits) - 1
+  best_err = best_s = best_z = None
+  for p in candidates:
+    hi = jnp.quantile(flat, jnp.float32(p), axis=-1)
+    lo = jnp.quantile(flat, jnp.float32(1.0 - p), axis=-1)
+    s = (hi - lo) / qmax
+    z = jnp.round(-lo / s)
+    xq = (jnp.clip(jnp.round(flat / s[..., None]) + z[..., None], 0, qmax) - z[..., None]) * (
+        s[..., None])
+    err = jnp.mean((flat - xq) ** 2, axis=-1)
+    if best_err is None:
+      best_err, best_s, best_z = err, s, z
+    else:
+      better = err < best_err
+      best_err = jnp.where(better, err, best_err)
+      best_s, best_z = jnp.where(better, s, best_s), jnp.where(better, z, best_z)
+  return best_s, best_z
+
+
+def _log2(x: jax.Array) -> jax.Array:
+  return jnp.log(x) / jnp.log(jnp.float32(2.0))  # as torch: ln(x) / ln(2), in float32
+
+
+def ias_log2_quant(x: jax.Array, shift: jax.Array, lo: jax.Array, hi: jax.Array,
+                   bits: int) -> jax.Array:
+  """I&S-ViT's post-softmax quantizer (its `LogSqrt2Quantizer.forward`): t = log2(x + shift)
+  on a uniform grid of 2^b steps over the calibrated [lo, hi] (codes 0..2^b, one level more
+  than its search used), the grid value's exponent rounded to an integer, 2^e - shift. Both
+  roundings straight-through, so the gradient is 2^e / (x + shift) on the grid."""
+  n = 2 ** check_bits(bits)
+  shift, lo, hi = (jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in (shift, lo, hi))
+  step = (hi - lo) / n
+  t = _log2(x + shift)
+  code = round_ste((t - lo) / step)
+  code = jnp.where((code >= 0) & (code <= n), code, jax.lax.stop_gradient(jnp.clip(code, 0, n)))
+  return (2.0 ** round_ste(code * step + lo) - shift).astype(x.dtype)
+
+
+def ias_log2_search(x: jax.Array, bits: int, shifts: Sequence[float] = LOG2_SHIFTS
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(shift, lo, hi) of `ias_log2_quant`: per candidate shift, [lo, hi] = the range of
+  log2(x + shift) and the error of a 2^b - 1 step grid over it; the smallest mean squared
+  error wins (first on ties)."""
+  n = 2 ** check_bits(bits)
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  best = None
+  for b in shifts:
+    t = _log2(x + b)
+    lo, hi = jnp.min(t), jnp.max(t)
+    step = (hi - lo) / (n - 1)
+    code = jnp.clip(jnp.round((t - lo) / step), 0, n - 1)
+    xq = 2.0 ** jnp.round(code * step + lo) - b
+    err = jnp.mean((x - xq) ** 2)
+    cand = (err, jnp.float32(b), lo, hi)
+    if best is None:
+      best = cand
+    else:
+      better = cand[0] < best[0]
+      best = tuple(jnp.where(better, c, o) for c, o in zip(cand, best))
+  return best[1], best[2], best[3]
