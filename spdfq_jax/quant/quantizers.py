@@ -101,7 +101,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int,
   """Uniform fake quantization; scale/zero broadcast against x (shape () or (C,)).
 
   round(x / scale) + zero, clipped to the grid, back to floats; the gradient w.r.t. x is the
-  identity where the rounded code lies on the grid and zero where it was clipped. The zero
+  identity where the rounded code lies strictly inside the grid, zero at and beyond its
+  first and last code (as I&S-ViT's torch.clamp). The zero
   point need not be an integer (the reparameterised mean of per-channel zero points is not).
   """
   qmin, qmax = qrange(bits, symmetric)
@@ -109,7 +110,9 @@ def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int,
   zero = jax.lax.stop_gradient(zero)
   q = jnp.round(jax.lax.stop_gradient(x) / scale) + zero
   xq = (jnp.clip(q, qmin, qmax) - zero) * scale
-  inside = (q >= qmin) & (q <= qmax)  # the rounded code, bounds included (as torch.clamp)
+  # Gradient where the rounded code lies strictly inside the grid: torch.clamp with scalar
+  # bounds, as I&S-ViT uses it, passes no gradient at the bounds themselves.
+  inside = (q > qmin) & (q < qmax)
   return jnp.where(inside, x + jax.lax.stop_gradient(xq - x),
                    jax.lax.stop_gradient(xq)).astype(x.dtype)
 
@@ -271,13 +274,14 @@ def ias_log2_quant(x: jax.Array, shift: jax.Array, lo: jax.Array, hi: jax.Array,
   """I&S-ViT's post-softmax quantizer (its `LogSqrt2Quantizer.forward`): t = log2(x + shift)
   on a uniform grid of 2^b steps over the calibrated [lo, hi] (codes 0..2^b, one level more
   than its search used), the grid value's exponent rounded to an integer, 2^e - shift. Both
-  roundings straight-through, so the gradient is 2^e / (x + shift) on the grid."""
+  roundings straight-through, so the gradient is 2^e / (x + shift) strictly inside the grid
+  and zero at its first and last code (torch.clamp with scalar bounds)."""
   n = 2 ** check_bits(bits)
   shift, lo, hi = (jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in (shift, lo, hi))
   step = (hi - lo) / n
   t = _log2(x + shift)
   code = round_ste((t - lo) / step)
-  code = jnp.where((code >= 0) & (code <= n), code, jax.lax.stop_gradient(jnp.clip(code, 0, n)))
+  code = jnp.where((code > 0) & (code < n), code, jax.lax.stop_gradient(jnp.clip(code, 0, n)))
   return (2.0 ** round_ste(code * step + lo) - shift).astype(x.dtype)
 
 

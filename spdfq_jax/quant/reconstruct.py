@@ -171,6 +171,21 @@ def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
                                   jax.tree_util.tree_map(lambda m: not m, mask)))
 
 
+def unit_loss(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
+              frozen: dict, qstate: dict, wstate: dict, x: jax.Array, y: jax.Array
+              ) -> jax.Array:
+  """The reconstruction loss of unit `name` with `trainable` set into the `frozen` params:
+  its quantized output on x against the FP targets y (`recon.loss`)."""
+  full = frozen
+  for p, sub in trainable.items():
+    full = set_subtree(full, p, sub)
+  qp = weights.quantize_weights(full, wstate, cfg)
+  out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
+  if cfg.recon.loss == "sum_dim1":
+    return jnp.mean(jnp.sum((out - y) ** 2, axis=1))
+  return jnp.mean((out - y) ** 2)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
           opt_state: Any, frozen: dict, qstate: dict, wstate: dict, key: jax.Array,
@@ -181,20 +196,9 @@ def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trai
   device, so a step sends nothing and the loss stays there until the loop reads it."""
   n = xs.shape[0]
   bs = min(cfg.recon.batch_size, n)
-
-  def loss_fn(t):
-    full = frozen
-    for p, sub in t.items():
-      full = set_subtree(full, p, sub)
-    qp = weights.quantize_weights(full, wstate, cfg)
-    out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
-    if cfg.recon.loss == "sum_dim1":
-      return jnp.mean(jnp.sum((out - y) ** 2, axis=1))
-    return jnp.mean((out - y) ** 2)
-
   idx = jax.random.choice(key, n, (bs,), replace=False)
-  x, y = xs[idx], ys[idx]
-  loss, g = jax.value_and_grad(loss_fn)(trainable)
+  loss, g = jax.value_and_grad(unit_loss, argnums=3)(qmod, name, cfg, trainable, frozen, qstate,
+                                                     wstate, xs[idx], ys[idx])
   updates, opt_state = _optimizer(cfg, trainable).update(g, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, loss
 
