@@ -73,9 +73,8 @@ class Forced(qmodel.QuantPoint):
 
 def forced_calibration(module, params, cfg, ref_acts, images):
   forced = zoo.with_point(module, functools.partial(Forced, cfg=ml_collections.FrozenConfigDict(cfg)))
-  _, found = forced.apply({"params": params, "quant": unflat(ref_acts)}, images,
-                          mutable=["found"])
-  return flat(found["found"])
+  run = jax.jit(lambda p, q, x: forced.apply({"params": p, "quant": q}, x, mutable=["found"])[1])
+  return flat(run(params, unflat(ref_acts), images)["found"])
 
 
 def compare_states(got: dict, want: dict, rtol=1e-5):

@@ -234,6 +234,25 @@ def shift_log2_params(lo: jax.Array, hi: jax.Array, shift: jax.Array, bits: int
 
 
 
+def torch_quantile_plan(qs: Sequence[float], n: int) -> tuple[np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+  """(index below, index above, weight) of each q-quantile of n sorted values, as
+  torch.quantile computes them (rank q * (n - 1) and its weight in float32)."""
+  rank = np.asarray(qs, np.float32) * np.float32(n - 1)
+  below = np.floor(rank).astype(np.int32)
+  return below, np.ceil(rank).astype(np.int32), (rank - below.astype(np.float32)).astype(
+      np.float32)
+
+
+def sorted_quantiles(srt: jax.Array, qs: Sequence[float]) -> jax.Array:
+  """The q-quantiles (last axis of the result) of values sorted along the last axis, as
+  torch.quantile computes them (linear interpolation, lerp from the nearer end, float32), so
+  the searched ranges agree with I&S-ViT's to the last bit on equal inputs."""
+  below, above, w = torch_quantile_plan(qs, srt.shape[-1])
+  a, b = srt[..., below], srt[..., above]
+  return jnp.where(w < 0.5, a + w * (b - a), b - (b - a) * (np.float32(1) - w))
+
+
 def percentile_mse_search(x: jax.Array, axes: Sequence[int], bits: int,
                           candidates: Sequence[float]) -> tuple[jax.Array, jax.Array]:
   """(scale, zero) per range: among the percentile pairs [quantile(1 - p), quantile(p)], the
@@ -247,22 +266,20 @@ def percentile_mse_search(x: jax.Array, axes: Sequence[int], bits: int,
   flat = jnp.moveaxis(x, keep, list(range(len(keep)))).reshape(
       tuple(x.shape[a] for a in keep) + (-1,)).astype(jnp.float32)
   qmax = 2 ** check_bits(bits) - 1
-  best_err = best_s = best_z = None
-  for p in candidates:
-    hi = jnp.quantile(flat, jnp.float32(p), axis=-1)
-    lo = jnp.quantile(flat, jnp.float32(1.0 - p), axis=-1)
-    s = (hi - lo) / qmax
-    z = jnp.round(-lo / s)
-    xq = (jnp.clip(jnp.round(flat / s[..., None]) + z[..., None], 0, qmax) - z[..., None]) * (
-        s[..., None])
-    err = jnp.mean((flat - xq) ** 2, axis=-1)
-    if best_err is None:
-      best_err, best_s, best_z = err, s, z
-    else:
-      better = err < best_err
-      best_err = jnp.where(better, err, best_err)
-      best_s, best_z = jnp.where(better, s, best_s), jnp.where(better, z, best_z)
-  return best_s, best_z
+  k = len(candidates)
+  ends = sorted_quantiles(jnp.sort(flat, axis=-1),
+                          list(candidates) + [1.0 - p for p in candidates])
+  hi, lo = jnp.moveaxis(ends[..., :k], -1, 0), jnp.moveaxis(ends[..., k:], -1, 0)  # (k, ranges...)
+  s = (hi - lo) / qmax
+  z = jnp.round(-lo / s)
+
+  def err(sz):  # one candidate at a time: the program holds one copy of x
+    s1, z1 = sz[0][..., None], sz[1][..., None]
+    xq = (jnp.clip(jnp.round(flat / s1) + z1, 0, qmax) - z1) * s1
+    return jnp.mean((flat - xq) ** 2, axis=-1)
+
+  best = jnp.argmin(jax.lax.map(err, (s, z)), axis=0)[None]  # first minimum on ties
+  return jnp.take_along_axis(s, best, 0)[0], jnp.take_along_axis(z, best, 0)[0]
 
 
 def _log2(x: jax.Array) -> jax.Array:
@@ -292,18 +309,16 @@ def ias_log2_search(x: jax.Array, bits: int, shifts: Sequence[float] = LOG2_SHIF
   error wins (first on ties)."""
   n = 2 ** check_bits(bits)
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
-  best = None
-  for b in shifts:
+
+  def candidate(b):
     t = _log2(x + b)
     lo, hi = jnp.min(t), jnp.max(t)
     step = (hi - lo) / (n - 1)
     code = jnp.clip(jnp.round((t - lo) / step), 0, n - 1)
     xq = 2.0 ** jnp.round(code * step + lo) - b
-    err = jnp.mean((x - xq) ** 2)
-    cand = (err, jnp.float32(b), lo, hi)
-    if best is None:
-      best = cand
-    else:
-      better = cand[0] < best[0]
-      best = tuple(jnp.where(better, c, o) for c, o in zip(cand, best))
-  return best[1], best[2], best[3]
+    return jnp.mean((x - xq) ** 2), lo, hi
+
+  shifts = jnp.asarray(shifts, jnp.float32)
+  err, lo, hi = jax.lax.map(candidate, shifts)
+  best = jnp.argmin(err)  # first minimum on ties
+  return shifts[best], lo[best], hi[best]
