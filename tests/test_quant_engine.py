@@ -220,3 +220,31 @@ def test_quantize_export_int8_and_integer_dense(tmp_path, images):
   y_int = export.int_dense(x, s_a, z_a, 8, w_int, s_w, z_w, 8, bias)
   y_fake = quant.quantizers.fake_quant(x, s_a, z_a, 8) @ kernel + bias
   np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-4 * float(jnp.abs(y_fake).max()))
+
+
+@pytest.mark.parametrize("stages", ["both", "final"])
+def test_quantize_runs_the_reference_stages(images, monkeypatch, stages):
+  """I&S-ViT's order: reconstruction with FP weights on FP inputs before the
+  reparameterisation, then with quantized weights on quantized inputs; both against the FP
+  model given ('final': only the second)."""
+  module = zoo.custom_vit(img_size=32, patch_size=8, width=32, depth=1, num_heads=2,
+                          num_classes=10)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
+  calls = []
+  def fake(module, p, qs, ws, images, cfg, workdir=None, progress=True, teacher=None,
+           fp_inputs=False):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(teacher),
+                                                   jax.tree_util.tree_leaves(params)))
+    calls.append((fp_inputs, bool(ws), same, any(
+        np.ndim(v) == 1 for k, v in flax.traverse_util.flatten_dict(qs, sep="/").items()
+        if k.endswith("qkv_in/scale"))))
+    return p, []
+  api = importlib.import_module("spdfq_jax.quant.api")
+  monkeypatch.setattr(api, "reconstruct", fake)
+  overrides = {} if stages == "both" else {"recon_stages": stages}  # 'both' is the default
+  quant.quantize(module, params, images, quant.default_config(4, 4, recon_iters=1, **overrides))
+  # (FP inputs, weights quantized, teacher = the FP params, per-channel post-LN state)
+  want = [(False, True, True, False)]
+  if stages == "both":
+    want = [(True, False, True, True)] + want
+  assert calls == want
