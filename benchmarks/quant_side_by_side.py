@@ -115,6 +115,9 @@ def main() -> None:
   for bits in args.bits.split(","):
     w, a = int(bits[1]), int(bits[3])
     mine = ours(module, params, calib, test, labels, w, a, args.iters)
+    print(f"# this package, W{w}A{a}: " + ", ".join(f"{k} {acc:.2f} ({sec:.0f} s)"
+                                                  for k, (acc, sec) in mine.items()),
+          file=sys.stderr, flush=True)
     ref = (reference(args.torch_python, args.reference, args.commit, module, params, calib,
                      test, labels, w, a, args.iters) if have_ref else {})
     for stage, (acc, sec) in mine.items():
