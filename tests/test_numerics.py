@@ -44,7 +44,8 @@ def _poison(monkeypatch, unit, call, what="loss"):
 
 def test_nan_loss_names_unit_step_and_last_checkpoint(tiny, tmp_path, monkeypatch):
   module, params, images = tiny
-  cfg = quant.default_config(4, 4, recon_iters=3, w_method="minmax")  # fewer compiles
+  cfg = quant.default_config(4, 4, recon_iters=3, w_method="minmax",  # fewer compiles
+                             recon_stages="final")  # the stage whose workdir is recon/
   _poison(monkeypatch, "blocks.0", call=1)
   with pytest.raises(FloatingPointError) as e:
     quant.quantize(module, params, images, cfg, workdir=str(tmp_path), progress=False)

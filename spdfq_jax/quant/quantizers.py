@@ -270,7 +270,9 @@ def percentile_mse_search(x: jax.Array, axes: Sequence[int], bits: int,
   ends = sorted_quantiles(jnp.sort(flat, axis=-1),
                           list(candidates) + [1.0 - p for p in candidates])
   hi, lo = jnp.moveaxis(ends[..., :k], -1, 0), jnp.moveaxis(ends[..., k:], -1, 0)  # (k, ranges...)
-  s = (hi - lo) / qmax
+  # A constant range (all-zero activations) would divide by zero (I&S-ViT: NaN); EPS keeps
+  # the state finite, as everywhere else in this module.
+  s = jnp.maximum((hi - lo) / qmax, EPS)
   z = jnp.round(-lo / s)
 
   def err(sz):  # one candidate at a time: the program holds one copy of x
@@ -295,7 +297,7 @@ def ias_log2_quant(x: jax.Array, shift: jax.Array, lo: jax.Array, hi: jax.Array,
   and zero at its first and last code (torch.clamp with scalar bounds)."""
   n = 2 ** check_bits(bits)
   shift, lo, hi = (jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in (shift, lo, hi))
-  step = (hi - lo) / n
+  step = jnp.maximum((hi - lo) / n, EPS)
   t = _log2(x + shift)
   code = round_ste((t - lo) / step)
   code = jnp.where((code > 0) & (code < n), code, jax.lax.stop_gradient(jnp.clip(code, 0, n)))
@@ -313,7 +315,7 @@ def ias_log2_search(x: jax.Array, bits: int, shifts: Sequence[float] = LOG2_SHIF
   def candidate(b):
     t = _log2(x + b)
     lo, hi = jnp.min(t), jnp.max(t)
-    step = (hi - lo) / (n - 1)
+    step = jnp.maximum((hi - lo) / (n - 1), EPS)
     code = jnp.clip(jnp.round((t - lo) / step), 0, n - 1)
     xq = 2.0 ** jnp.round(code * step + lo) - b
     return jnp.mean((x - xq) ** 2), lo, hi
