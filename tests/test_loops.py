@@ -13,7 +13,7 @@ import pytest
 
 from spdfq_jax import evaluate, parallel, quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import weights as quant_weights
 
 sys.path.insert(0, os.path.dirname(__file__))
 import synth_child  # noqa: E402
@@ -219,7 +219,7 @@ def recon_inputs():
   params = jax.tree_util.tree_map(np.asarray, params)
   cfg = quant.default_config(4, 4, recon_iters=5, w_method="minmax", reparam=False)
   qstate = C.calibrate(module, params, images, cfg)
-  return module, params, qstate, qmodel.weight_state(params, cfg), images, cfg
+  return module, params, qstate, quant_weights.weight_state(params, cfg), images, cfg
 
 
 def test_reconstruction_reads_once_per_block(recon_inputs, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from spdfq_jax import quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import point_stats
 from spdfq_jax.quant import quantizers as Q
 
 recon_lib = importlib.import_module("spdfq_jax.quant.reconstruct")
@@ -44,7 +44,8 @@ def _poison(monkeypatch, unit, call, what="loss"):
 
 def test_nan_loss_names_unit_step_and_last_checkpoint(tiny, tmp_path, monkeypatch):
   module, params, images = tiny
-  cfg = quant.default_config(4, 4, recon_iters=3, w_method="minmax")  # fewer compiles
+  cfg = quant.default_config(4, 4, recon_iters=3, w_method="minmax",  # fewer compiles
+                             recon_stages="final")  # the stage whose workdir is recon/
   _poison(monkeypatch, "blocks.0", call=1)
   with pytest.raises(FloatingPointError) as e:
     quant.quantize(module, params, images, cfg, workdir=str(tmp_path), progress=False)
@@ -116,7 +117,7 @@ def test_degenerate_softmax_quantizers(name):
   lo, hi = Q.minmax_range(x, (0, 1))
   for kind in ("log2", "log_sqrt2", "shift_log2"):
     spec = quant.config.PointSpec(kind, 4, shift=0.1 if kind == "shift_log2" else None)
-    state = qmodel.finalize(spec, {"lo": lo, "hi": hi})
+    state = point_stats.finalize(spec, {"lo": lo, "hi": hi})
     assert all(np.isfinite(np.asarray(v)).all() for v in state.values())
     if kind == "shift_log2":
       out = Q.shift_log2_quant(x, state["scale"], state["zero"], state["shift"], 4)

@@ -53,8 +53,12 @@ def test_config_validation():
   c = quant.default_config(3, 3, preset="calib", recon_iters=5, **{"acts.method": "mse"})
   assert (c.recon.iters, c.acts.method, c.reparam, c.acts.post_ln_granularity) == (
       5, "mse", False, "tensor")
-  full = quant.default_config()
-  assert full.reparam and full.recon.iters == 100 and full.keep_fp == []
+  full = quant.default_config()  # I&S-ViT's stage with the paper's 100 iterations
+  assert full.reparam and full.recon.iters == 100 and full.keep_fp == ["patch_in"]
+  assert (full.recon.stages, full.recon.train, full.recon.loss, full.recon.batch_size) == (
+      "both", "no_norm", "sum_dim1", 64)
+  assert (full.acts.method, full.weights.method, full.softmax.quantizer, full.calib.order) == (
+      "percentile_mse", "percentile_mse", "ias_log2", "sequential")
 
 
 def test_fp_point_bit_identical(model, images):
@@ -105,7 +109,10 @@ def test_calibration_independent_of_chunking(images):
 
 def test_reparam_preserves_fp_function(model, images):
   module, params = model
-  cfg = quant.default_config(4, 4, preset="reparam", keep_fp=["*kernel"])
+  # Rounded folded zero points make the folded model equal the per-channel one (I&S-ViT's
+  # unrounded mean does not, tests/test_quant_reference.py); the Swin reduction folded too.
+  cfg = quant.default_config(4, 4, preset="reparam", keep_fp=["*kernel"], reparam_round_zero=True,
+                             **{"acts.reduction_post_ln": True})
   qs = quant.calibrate(module, params, images, cfg)
   p2, qs2 = quant.reparameterize(params, qs, cfg)
   fp = module.apply({"params": params}, images)
@@ -129,7 +136,7 @@ def test_reconstruction_improves_resumes_and_exports_int4(tmp_path, images, monk
   module = zoo.custom_vit(img_size=32, patch_size=8, width=32, depth=1, num_heads=2,
                           num_classes=10)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
-  cfg = quant.default_config(4, 4, recon_iters=8, recon_lr=1e-3, recon_batch_size=N)
+  cfg = quant.default_config(4, 4, recon_iters=8, recon_lr=1e-4, recon_batch_size=N)
   qs = quant.calibrate(module, params, images, cfg)
   params, qs = quant.reparameterize(params, qs, cfg)
   ws = quant.weight_state(params, cfg)
@@ -142,7 +149,7 @@ def test_reconstruction_improves_resumes_and_exports_int4(tmp_path, images, monk
   # Greedy per-unit training on a random model need not lower the end-to-end error; it must
   # not blow it up (the accuracy gain is measured on trained models, BENCHMARKS.md).
   before = err(quant.quantize_weights(params, ws, cfg))
-  assert err(quant.quantize_weights(full, ws, cfg)) < 1.1 * before
+  assert err(quant.quantize_weights(full, ws, cfg)) < 1.25 * before
   # Interrupted after the first unit, then resumed from the workdir: same result.
   calls = []
   train = recon_lib._train_unit
@@ -213,3 +220,31 @@ def test_quantize_export_int8_and_integer_dense(tmp_path, images):
   y_int = export.int_dense(x, s_a, z_a, 8, w_int, s_w, z_w, 8, bias)
   y_fake = quant.quantizers.fake_quant(x, s_a, z_a, 8) @ kernel + bias
   np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-4 * float(jnp.abs(y_fake).max()))
+
+
+@pytest.mark.parametrize("stages", ["both", "final"])
+def test_quantize_runs_the_reference_stages(images, monkeypatch, stages):
+  """I&S-ViT's order: reconstruction with FP weights on FP inputs before the
+  reparameterisation, then with quantized weights on quantized inputs; both against the FP
+  model given ('final': only the second)."""
+  module = zoo.custom_vit(img_size=32, patch_size=8, width=32, depth=1, num_heads=2,
+                          num_classes=10)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
+  calls = []
+  def fake(module, p, qs, ws, images, cfg, workdir=None, progress=True, teacher=None,
+           fp_inputs=False):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(teacher),
+                                                   jax.tree_util.tree_leaves(params)))
+    calls.append((fp_inputs, bool(ws), same, any(
+        np.ndim(v) == 1 for k, v in flax.traverse_util.flatten_dict(qs, sep="/").items()
+        if k.endswith("qkv_in/scale"))))
+    return p, []
+  api = importlib.import_module("spdfq_jax.quant.api")
+  monkeypatch.setattr(api, "reconstruct", fake)
+  overrides = {} if stages == "both" else {"recon_stages": stages}  # 'both' is the default
+  quant.quantize(module, params, images, quant.default_config(4, 4, recon_iters=1, **overrides))
+  # (FP inputs, weights quantized, teacher = the FP params, per-channel post-LN state)
+  want = [(False, True, True, False)]
+  if stages == "both":
+    want = [(True, False, True, True)] + want
+  assert calls == want

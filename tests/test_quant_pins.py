@@ -10,7 +10,7 @@ import pytest
 from spdfq_jax import evaluate
 from spdfq_jax import quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import point_stats
 from spdfq_jax.quant import quantizers as Q
 
 recon_lib = importlib.import_module("spdfq_jax.quant.reconstruct")  # the module, not the function
@@ -70,7 +70,7 @@ def _calib_images():
   centre of bin j and the rest below bin j. The 99.99th percentile of 32 * 16 * 16 * 3 =
   24576 values then lies inside that block of twenty (numpy's two interpolation neighbours
   and the histogram's count threshold all fall there), halfway between two bin edges."""
-  nbins = qmodel.NBINS
+  nbins = point_stats.NBINS
   w = 2.0 / nbins
   j = 3 * nbins // 4
   n = 32 * 16 * 16 * 3
@@ -88,7 +88,8 @@ def test_activation_percentile_calibration_matches_numpy():
                           num_heads=2)
   images, w = _calib_images()
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
-  cfg = quant.default_config(8, 8, preset="calib", a_method="percentile", percentile=99.99)
+  cfg = quant.default_config(8, 8, preset="calib", a_method="percentile", percentile=99.99,
+                             keep_fp=[], calib_order="fp")
   # All-positive images: the range is [0, hi], so scale = hi / 255 with zero point 0.
   p_hi = np.percentile(images.astype(np.float64), 99.99)
   assert p_hi < images.max() - 100 * w  # the outlier is clipped, not kept

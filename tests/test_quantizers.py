@@ -79,10 +79,12 @@ def test_zero_range_no_nan(method):
 
 
 def test_ste_gradient():
-  s, z = Q.scale_zero(-1.0, 2.0, 2)  # representable range [-1, 2]
-  x = jnp.array([-3.0, -0.9, 0.3, 1.7, 2.4])
+  """Identity where the rounded code is strictly inside the grid; zero where it is clipped
+  and at the first and last code (I&S-ViT's torch.clamp with scalar bounds)."""
+  s, z = Q.scale_zero(-1.0, 2.0, 2)  # representable range [-1, 2], codes 0..3, zero 1
+  x = jnp.array([-3.0, -0.9, 0.3, 1.2, 1.7, 2.4])  # codes -2, 0, 1, 2, 3, 3
   g = jax.grad(lambda v: jnp.sum(Q.fake_quant(v, s, z, 2)))(x)
-  np.testing.assert_array_equal(g, [0, 1, 1, 1, 0])
+  np.testing.assert_array_equal(g, [0, 0, 1, 1, 0, 0])
   g = jax.grad(lambda v: jnp.sum(Q.dynamic_fake_quant(v, 4)))(x[None])
   assert bool(jnp.all(jnp.isfinite(g)))
 

@@ -14,7 +14,7 @@ from spdfq_jax.quant import quantizers
 from spdfq_jax.quant.api import quantize
 from spdfq_jax.quant.calibrate import calibrate
 from spdfq_jax.quant.config import PRESETS, default_config
-from spdfq_jax.quant.qmodel import (QuantizedModel, build, point_factory, quant_module,
-                                    quantize_weights, weight_state)
+from spdfq_jax.quant.qmodel import QuantizedModel, build, point_factory, quant_module
+from spdfq_jax.quant.weights import quantize_weights, weight_state
 from spdfq_jax.quant.reconstruct import reconstruct
 from spdfq_jax.quant.reparam import reparameterize

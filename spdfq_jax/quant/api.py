@@ -13,6 +13,7 @@ import numpy as np
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import config as qconfig
 from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import weights
 from spdfq_jax.quant.calibrate import calibrate
 from spdfq_jax.quant.reconstruct import reconstruct
 from spdfq_jax.quant.reparam import reparameterize
@@ -30,28 +31,40 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
              progress: bool = True) -> qmodel.QuantizedModel:
   """Quantizes an FP model with calibration images (real, noise or synthetic).
 
-  Runs calibrate -> (reparameterize) -> weight ranges -> (reconstruct) as `cfg` says
-  (default: `default_config(4, 4)`, the full stage). With a workdir, reconstruction
+  Runs I&S-ViT's stages as `cfg` says (default: `default_config(4, 4)`, the full stage):
+  calibrate -> (reconstruct with FP weights) -> (reparameterize) -> weight ranges ->
+  (reconstruct with quantized weights; the teacher is always the FP model given). With a workdir, reconstruction
   resumes from its last finished unit. The per-unit reconstruction losses are kept in
   `qmodel.info['recon']`, the seconds each stage took in `qmodel.timings`.
   """
   cfg = cfg if cfg is not None else qconfig.default_config()
   qconfig.validate(cfg)
   params = jax.tree_util.tree_map(np.asarray, params)
+  teacher = params
   timings: dict[str, float] = {}
   with _timed(timings, "calibrate"):
     qstate = calibrate(module, params, calib_images, cfg)
+  recon = cfg.recon.iters > 0
+  log_acts = []
+  if recon and cfg.recon.stages == "both":
+    # I&S-ViT's stage one: activations quantized, weights FP, FP inputs.
+    with _timed(timings, "reconstruct_acts"):
+      params, log_acts = reconstruct(
+          module, params, qstate, {}, calib_images, cfg,
+          workdir=os.path.join(workdir, "recon_acts") if workdir else None,
+          progress=progress, teacher=teacher, fp_inputs=True)
   if cfg.reparam:
     with _timed(timings, "reparameterize"):
       params, qstate = reparameterize(params, qstate, cfg)
-  wstate = qmodel.weight_state(params, cfg)
+  wstate = weights.weight_state(params, cfg)
   log = []
-  if cfg.recon.iters > 0:
+  if recon:
     with _timed(timings, "reconstruct"):
       params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
                                 workdir=os.path.join(workdir, "recon") if workdir else None,
-                                progress=progress)
+                                progress=progress, teacher=teacher)
   qm = qmodel.build(module, params, qstate, wstate, cfg)
   qm.info["recon"] = log
+  qm.info["recon_acts"] = log_acts
   qm.timings = timings
   return qm

@@ -1,12 +1,19 @@
 """Calibration: activation ranges from any image set (real, noise or synthetic).
 
-The FP model runs over the images in fixed-size chunks (one jitted program per pass), so
-32 to 1024 images at 224x224 fit on one device; statistics are combined across chunks so
-the result does not depend on the chunk size:
+`calib.order='sequential'` (I&S-ViT, the default): one forward of the first
+`calib.max_images` images with FP weights in which every point, in forward order, computes
+its state from its input and passes that input on quantized, so each point is calibrated on
+what the quantized upstream produces (`qmodel` mode 'init').
+
+`calib.order='fp'`: ranges observed on the FP model (FP weights, no activation quantization
+upstream). Methods that combine over chunks run over all images in fixed-size chunks (one
+jitted program per pass), so 32 to 1024 images at 224x224 fit on one device, and the result
+does not depend on the chunk size:
   pass 1  per-range min / max                  (combined by min / max)
   pass 2  percentile: histograms over [min, max];  MSE: error per clipping candidate;
           shift-log2: error per shift candidate       (combined by sum; only when needed)
-Ranges are observed on the FP model (FP weights, no activation quantization upstream).
+Searches over percentiles of the whole tensor (`point_stats.whole_tensor`) read the first
+`calib.max_images` images at once, still with nothing quantized upstream.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import numpy as np
 
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import config as qconfig
+from spdfq_jax.quant import point_stats
 from spdfq_jax.quant import qmodel
 
 
@@ -51,6 +59,11 @@ def _pass1(module: zoo.Model, params: Any, x: jax.Array) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _init(module: zoo.Model, params: Any, x: jax.Array) -> dict:
+  return module.apply({"params": params}, x, mutable=["quant"])[1].get("quant", {})
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _pass2(module: zoo.Model, params: Any, stats: dict, x: jax.Array) -> dict:
   return module.apply({"params": params, "calib": stats}, x,
                       mutable=["calib2"])[1].get("calib2", {})
@@ -78,14 +91,30 @@ def calibrate(module: zoo.Model, params: Any, images: np.ndarray,
   """The `quant` collection (scale, zero[, shift] per point) from calibration images."""
   chunk_size = chunk_size or cfg.calib.chunk_size
   images = np.asarray(images, np.float32)
+  specs = point_specs(module, cfg, params, jnp.asarray(images[:1]))
+  out = {}
+  whole = {p for p, (_, spec) in specs.items()
+           if spec.quantizer != "none" and not spec.dynamic
+           and (cfg.calib.order == "sequential" or point_stats.whole_tensor(spec))}
+  if whole:
+    init = qmodel.quant_module(module, cfg, "init")
+    state = _flat(_init(init, params, jnp.asarray(images[:cfg.calib.max_images])))
+    out.update({k: v for k, v in state.items() if k.rsplit("/", 1)[0] in whole})
+  rest = {p: s for p, s in specs.items() if p not in whole}
+  if rest:
+    out.update(_chunked(module, params, images, cfg, chunk_size, rest))
+  return flax.traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}, sep="/")
+
+
+def _chunked(module: zoo.Model, params: Any, images: np.ndarray,
+             cfg: ml_collections.ConfigDict, chunk_size: int, specs: dict) -> dict:
+  """Flat states of `specs`' points from statistics combined over chunks of the FP model."""
   obs = qmodel.quant_module(module, cfg, "observe")
   ref = qmodel.quant_module(module, cfg, "refine")
-
   stats = flax.core.unfreeze(_run(lambda x: _pass1(obs, params, x), images, chunk_size,
                                   _minmax))
-  specs = point_specs(module, cfg, params, jnp.asarray(images[:1]))
   if any(_needs_pass2(spec) for _, spec in specs.values()):
-
     stats2 = _flat(_run(lambda x: _pass2(ref, params, stats, x), images, chunk_size, _sum))
   else:
     stats2 = {}
@@ -96,9 +125,9 @@ def calibrate(module: zoo.Model, params: Any, images: np.ndarray,
       continue  # full precision or dynamic
     s = {"lo": flat[path + "/lo"], "hi": flat[path + "/hi"]}
     s.update({k[len(path) + 1:]: v for k, v in stats2.items() if k.rsplit("/", 1)[0] == path})
-    for name, value in qmodel.finalize(spec, s).items():
-      out[path + "/" + name] = jnp.asarray(value, jnp.float32)
-  return flax.traverse_util.unflatten_dict(out, sep="/")
+    for name, value in point_stats.finalize(spec, s).items():
+      out[path + "/" + name] = value
+  return out
 
 
 def _needs_pass2(spec: qconfig.PointSpec) -> bool:

@@ -3,11 +3,14 @@
 For each unit of `zoo.units(module)` (embed, every block, head) in forward order, the
 unit's weights are trained so that the quantized unit, fed the quantized model's own
 inputs (the outputs of the already reconstructed units), reproduces the FP unit's output
-on the FP model's inputs:  min ||unit_fp(x_fp) - unit_q(x_q)||^2.
+on the FP model's inputs:  min ||unit_fp(x_fp) - unit_q(x_q)||^2 (I&S-ViT's stage three).
+With `fp_inputs` the quantized unit is fed the FP model's inputs instead (its stage one,
+run with FP weights: an empty weight state).
 Adam with cosine decay; weights are fake-quantized inside the loss with frozen ranges
 (straight-through gradients reach the latent FP weights); activation ranges are frozen.
-Training the unit's other parameters too (biases, LayerNorm affine, tokens, position
-tables) is the default (`recon.train='all'`; 'kernels' trains only the kernels).
+`recon.train`: 'no_norm' (I&S-ViT) trains every parameter of the unit but LayerNorm affine,
+tokens and position table; 'all' those too; 'kernels' only the kernels. `recon.loss`:
+'sum_dim1' (I&S-ViT) sums the squared error over axis 1 and averages the rest; 'mean'.
 
 With a workdir the loop saves (params, next unit) after every unit and resumes there. On
 SIGTERM it stops after the current step: the unit it was training (at most `recon.iters`
@@ -31,6 +34,9 @@ from tqdm import tqdm
 from spdfq_jax import checkpoint, interrupt
 from spdfq_jax.models import zoo
 from spdfq_jax.quant import qmodel
+from spdfq_jax.quant import weights
+
+FROZEN_LEAVES = ("cls_token", "dist_token", "pos_embed")
 
 
 def get_subtree(tree: dict, path: tuple[str, ...]) -> Any:
@@ -95,13 +101,14 @@ def _stop_message(err: NonFiniteLoss, units: list, workdir: Optional[str], mgr: 
 
 def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
                 images: np.ndarray, cfg: ml_collections.ConfigDict,
-                workdir: Optional[str] = None, progress: bool = True
-                ) -> tuple[dict, list[dict]]:
+                workdir: Optional[str] = None, progress: bool = True,
+                teacher: Any = None, fp_inputs: bool = False) -> tuple[dict, list[dict]]:
   """(latent params after reconstruction, per-unit loss log).
 
-  `params` are the FP (possibly reparameterised) params: they stay the teacher. The
-  returned params are latent: pass them through `qmodel.quantize_weights` (or
-  `qmodel.build`) to get the deployed fake-quantized kernels.
+  `params` are the (possibly reparameterised) params training starts from; `teacher` the FP
+  params whose unit outputs are the targets (default: `params`). The returned params are
+  latent: pass them through `weights.quantize_weights` (or `qmodel.build`) to get the
+  deployed fake-quantized kernels.
   """
   r = cfg.recon
   chunk = cfg.calib.chunk_size
@@ -109,8 +116,8 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
   qmod = qmodel.quant_module(module, cfg)
   units = zoo.units(module)
   # Everything the steps read goes to the device once, here.
-  teacher, qstate, wstate = jax.device_put((params, qstate, wstate))
-  student = teacher
+  student, qstate, wstate = jax.device_put((params, qstate, wstate))
+  teacher = student if teacher is None else jax.device_put(teacher)
   x_fp = x_q = jax.device_put(np.asarray(images, np.float32))
   start = 0
   mgr = checkpoint.manager(workdir) if workdir else None
@@ -128,13 +135,24 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
       except NonFiniteLoss as e:
         raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
       log.append(entry)
-    if i + 1 < len(units) or mgr is not None:
+    if fp_inputs:
+      x_q = y_fp
+    elif i + 1 < len(units) or mgr is not None:
       qvars = {"params": _quantize_weights(frozen, student, wstate), "quant": qstate}
       x_q = run_unit(qmod, qvars, name, x_q, chunk)
     x_fp = y_fp
     if mgr is not None and i >= start:
       checkpoint.save(mgr, i + 1, {"params": student, "next": np.asarray(i + 1, np.int32)})
   return student, log
+
+
+def trains(train: str, path: tuple[str, ...]) -> bool:
+  """Whether `recon.train` trains the parameter at `path` (names of a unit's param tree)."""
+  if train == "all":
+    return True
+  if train == "kernels":
+    return path[-1] == "kernel"
+  return path[-1] not in FROZEN_LEAVES and not any(k.startswith("norm") for k in path)
 
 
 def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
@@ -146,11 +164,26 @@ def _optimizer(cfg: ml_collections.FrozenConfigDict, trainable: dict
   # A unit path can itself be a leaf (the class token, the position table): judge the full
   # path, not only the keys inside the subtree.
   mask = {p: jax.tree_util.tree_map_with_path(
-      lambda kp, _, p=p: (p + tuple(k.key for k in kp))[-1] == "kernel", t)
+      lambda kp, _, p=p: trains(r.train, p + tuple(k.key for k in kp)), t)
           for p, t in trainable.items()}
   return optax.chain(optax.masked(tx, mask),
                      optax.masked(optax.set_to_zero(),
                                   jax.tree_util.tree_map(lambda m: not m, mask)))
+
+
+def unit_loss(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
+              frozen: dict, qstate: dict, wstate: dict, x: jax.Array, y: jax.Array
+              ) -> jax.Array:
+  """The reconstruction loss of unit `name` with `trainable` set into the `frozen` params:
+  its quantized output on x against the FP targets y (`recon.loss`)."""
+  full = frozen
+  for p, sub in trainable.items():
+    full = set_subtree(full, p, sub)
+  qp = weights.quantize_weights(full, wstate, cfg)
+  out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
+  if cfg.recon.loss == "sum_dim1":
+    return jnp.mean(jnp.sum((out - y) ** 2, axis=1))
+  return jnp.mean((out - y) ** 2)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
@@ -163,18 +196,9 @@ def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trai
   device, so a step sends nothing and the loss stays there until the loop reads it."""
   n = xs.shape[0]
   bs = min(cfg.recon.batch_size, n)
-
-  def loss_fn(t):
-    full = frozen
-    for p, sub in t.items():
-      full = set_subtree(full, p, sub)
-    qp = qmodel.quantize_weights(full, wstate, cfg)
-    out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
-    return jnp.mean((out - y) ** 2)
-
   idx = jax.random.choice(key, n, (bs,), replace=False)
-  x, y = xs[idx], ys[idx]
-  loss, g = jax.value_and_grad(loss_fn)(trainable)
+  loss, g = jax.value_and_grad(unit_loss, argnums=3)(qmod, name, cfg, trainable, frozen, qstate,
+                                                     wstate, xs[idx], ys[idx])
   updates, opt_state = _optimizer(cfg, trainable).update(g, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -197,7 +221,7 @@ def _start(cfg: ml_collections.FrozenConfigDict, trainable: dict) -> tuple[dict,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize_weights(cfg: ml_collections.FrozenConfigDict, params: dict, wstate: dict) -> dict:
-  return qmodel.quantize_weights(params, wstate, cfg)
+  return weights.quantize_weights(params, wstate, cfg)
 
 
 @jax.jit

@@ -11,7 +11,10 @@ same job. With r1 = s / s~ and r2 = z - z~ (integers):
 
 x' = (x + s r2) / r1 then satisfies round(x' / s~) + z~ = round(x / s) + z exactly, and
 x' W' + b' = x W + b: the FP function is unchanged and the quantized one is the
-per-channel one. A layer without a bias (Swin's patch-merging reduction) cannot absorb
+per-channel one. I&S-ViT keeps z~ = mean z_c unrounded (`reparam_round_zero=False`, the
+default): r2 is then not an integer and the per-tensor quantizer's grid is shifted by the
+fractional part, which it carries as a non-integer zero point; rounding z~ (True) makes
+the folded quantizer equal the per-channel one exactly. A layer without a bias (Swin's patch-merging reduction) cannot absorb
 the zero-point shift, so there only the scales are folded (r2 = 0) and the quantizer keeps
 its per-channel integer zero points z_c with the one scale s~: round(x' / s~) + z_c =
 round(x / s) + z exactly. Integer kernels take per-channel zero points for free (their
@@ -67,7 +70,9 @@ def reparameterize(params: Any, qstate: dict, cfg: ml_collections.ConfigDict
   for point, ln, linear in fold_targets(qstate):
     s, z = q[point + "/scale"], q[point + "/zero"]
     s_t = jnp.mean(s)
-    z_t = jnp.clip(jnp.round(jnp.mean(z)), qmin, qmax)
+    z_t = jnp.mean(z)
+    if cfg.reparam_round_zero:
+      z_t = jnp.clip(jnp.round(z_t), qmin, qmax)
     r1 = s / s_t
     w = p[linear + "/kernel"]
     has_bias = linear + "/bias" in p
