@@ -321,6 +321,7 @@ class IntegerModel:
   module: zoo.Model
   variables: dict
   cfg: ml_collections.ConfigDict
+  in_channels: int
 
   def logits(self, images: jax.Array) -> jax.Array:
     return _apply(self.module, self.variables, images)
@@ -348,6 +349,8 @@ def build(module: zoo.Model, params: dict, qstate: dict, kernels: dict,
   quantized_points = {k[:-len("/scale")] for k in _flat(qstate) if k.endswith("/scale")}
   w = cfg.weights
   params, ints = dict(params), {}
+  every = {**params, **{k: codes for k, (codes, _, _) in kernels.items()}}
+  (patch,) = [v for k, v in every.items() if k.startswith("patch_embed/") and k.endswith("kernel")]
   for path, (codes, zero, scale) in kernels.items():
     layer = path[:-len("/kernel")]
     if input_point(path) in quantized_points:
@@ -359,7 +362,8 @@ def build(module: zoo.Model, params: dict, qstate: dict, kernels: dict,
   variables = {"params": _unflat({k: jnp.asarray(v) for k, v in params.items()}),
                "quant": jax.tree_util.tree_map(jnp.asarray, qstate),
                INT_KERNELS: _unflat(ints)}
-  return IntegerModel(zoo.with_point(module, int_point_factory(cfg)), variables, cfg)
+  return IntegerModel(zoo.with_point(module, int_point_factory(cfg)), variables, cfg,
+                      int(np.shape(patch)[2]))
 
 
 def from_quantized(qm: Any) -> IntegerModel:
@@ -404,3 +408,17 @@ def load(path: str) -> IntegerModel:
                     tensors[f"wquant/{key}/scale"].reshape(meta["scale_shapes"][key + "/scale"]))
   quant = _unflat({k[len("quant/"):]: v for k, v in tensors.items() if k.startswith("quant/")})
   return build(native.rebuild(meta), params, quant, kernels, cfg)
+
+
+def eval_logits(qm: Any, use_integer: bool) -> tuple[Callable[[jax.Array], jax.Array], str]:
+  """What the evaluate stage runs on a quantized model, and which path that is: 'integer',
+  or 'fake-quant' with the reason (eval.integer off, or no integer path)."""
+  from spdfq_jax.quant import qmodel  # pylint: disable=g-import-not-at-top
+  if not use_integer:
+    return qm.logits, "fake-quant (eval.integer off)"
+  if not isinstance(qm, qmodel.QuantizedModel):
+    return qm.logits, f"fake-quant ({type(qm).__name__} has no integer path)"
+  reason = unsupported(qm.cfg, qm.variables["quant"])
+  if reason is not None:
+    return qm.logits, f"fake-quant ({reason})"
+  return from_quantized(qm).logits, "integer"
