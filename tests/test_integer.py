@@ -8,7 +8,6 @@ images are noise; the models are the timm parity fixtures (tiny ViT, DeiT-distil
 import os
 
 import flax
-import jax
 import numpy as np
 import pytest
 
