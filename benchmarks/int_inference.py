@@ -18,6 +18,7 @@ ViT-B's MLP shape (1576 x 768 x 3072).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -60,7 +61,8 @@ def load(name: str):
   return module, jax.tree_util.tree_map(np.asarray, params)
 
 
-def bench_model(name: str, bits: list[int], batches: list[int], repeats: int) -> list[dict]:
+def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
+                attention_f32: bool = False) -> list[dict]:
   module, params = load(name)
   size, channels = module.img_size, zoo.in_channels(module, params)
   fp32_bytes = sum(4 * np.size(v) for v in jax.tree_util.tree_leaves(params))
@@ -74,19 +76,33 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int) ->
     held = im.weight_bytes()
     for batch in batches:
       x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, channels))
-      secs = interleaved_medians({"fp32": lambda v: fp({"params": params}, v),
-                                  "fake_quant": qm.logits, "integer": im.logits}, x, repeats)
+      fns = {"fp32": lambda v: fp({"params": params}, v), "fake_quant": qm.logits,
+             "integer": im.logits}
+      if attention_f32:  # the same integer model, its attention sums held in float32
+        f32 = jax.jit(functools.partial(_with_f32_attention, im.module))
+        fns["integer_attn_f32"] = functools.partial(f32, im.variables)
+      secs = interleaved_medians(fns, x, repeats)
       rows.append({"model": name, "bits": f"w{b}a{b}", "batch": batch,
                    **{f"{k}_img_s": round(batch / s, 2) for k, s in secs.items()},
                    "integer_over_fp32": round(secs["fp32"] / secs["integer"], 2),
                    "integer_over_fake_quant": round(secs["fake_quant"] / secs["integer"], 2),
+                   **({"integer_attn_f32_over_fp32": round(
+                       secs["fp32"] / secs["integer_attn_f32"], 2)} if attention_f32 else {}),
                    "fp32_weight_bytes": int(fp32_bytes),
                    "integer_weight_bytes": held["params"] + held["int_kernels"],
                    "fp32_over_integer_bytes": round(
                        fp32_bytes / (held["params"] + held["int_kernels"]), 2)})
       print(json.dumps(rows[-1]), flush=True)
-    del qm, im
   return rows
+
+
+def _with_f32_attention(module, variables: dict, x: jax.Array) -> jax.Array:
+  """The integer model's forward traced with integer.EXACT_FLOAT32_ATTENTION on."""
+  integer.EXACT_FLOAT32_ATTENTION = True
+  try:
+    return module.apply(variables, x)
+  finally:
+    integer.EXACT_FLOAT32_ATTENTION = False
 
 
 def bench_matmul(repeats: int) -> dict:
@@ -121,6 +137,8 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--torch", default="", help="python with torch and timm (optional)")
   p.add_argument("--matmul", action="store_true")
+  p.add_argument("--attention_f32", action="store_true",
+                 help="also time the integer model with integer.EXACT_FLOAT32_ATTENTION")
   a = p.parse_args()
   if a.repeats < 5:
     raise SystemExit("--repeats must be >= 5 (medians of at least five runs)")
@@ -132,7 +150,7 @@ def main() -> None:
   names = [n for n in a.models.split(",") if n]
   for name in names:
     bench_model(name, [int(b) for b in a.bits.split(",")],
-                [int(b) for b in a.batches.split(",")], a.repeats)
+                [int(b) for b in a.batches.split(",")], a.repeats, a.attention_f32)
   timm_names = [n for n in names if n in zoo.REGISTRY]
   if a.torch and timm_names:
     subprocess.run([a.torch, os.path.join(ROOT, "benchmarks", "int_inference_torch.py"),

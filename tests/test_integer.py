@@ -119,3 +119,14 @@ def test_unsupported_quantizers_are_refused(fixture):
   cfg = quant.default_config(4, 4, preset="reparam", reparam=False)
   qm = quant.quantize(module, params, calib, cfg, progress=False)
   assert "per channel" in integer.unsupported(qm.cfg, qm.variables["quant"])
+
+
+def test_float32_attention_sums_are_the_integer_sums(fixture, monkeypatch):
+  """EXACT_FLOAT32_ATTENTION: the same logits, bit for bit (every partial sum < 2^24)."""
+  name, module, params, calib, test = fixture
+  if name != "vit":
+    pytest.skip("checked on one family")
+  im = integer.from_quantized(_quantized(module, params, calib, 8))
+  want = np.asarray(im.module.apply(im.variables, test))
+  monkeypatch.setattr(integer, "EXACT_FLOAT32_ATTENTION", True)
+  np.testing.assert_array_equal(np.asarray(im.module.apply(im.variables, test)), want)

@@ -47,6 +47,10 @@ from spdfq_jax.quant import config as qconfig
 from spdfq_jax.quant import quantizers as Q
 
 INT_KERNELS = "int_kernels"
+# Attention matmuls on the integer codes held in float32, where every partial sum is an
+# integer below 2^24 and so exact: the same int32 result, at float GEMM speed (XLA's
+# batched int8 dot is slower than its float one on CPUs). Off: int8 operands, as specified.
+EXACT_FLOAT32_ATTENTION = False
 MAX_EXPONENT = 31  # log-domain levels 2^-f with f above this are dropped (< 2^-32)
 CHUNK = 8  # exponents per int8 chunk of the attention probabilities
 
@@ -107,12 +111,16 @@ def int_einsum(spec: str, a: "IntCodes", b: "IntCodes") -> jax.Array:
   ins, out = spec.split("->")
   la, lb = ins.split(",")
   contracted = [c for c in la if c in lb and c not in out]
-  acc = jnp.einsum(spec, a.codes, b.codes, preferred_element_type=jnp.int32)
+  size = int(np.prod([a.codes.shape[la.index(c)] for c in contracted]))
+  if EXACT_FLOAT32_ATTENTION and size * 128 * 128 < 2 ** 24:
+    acc = jnp.einsum(spec, a.codes.astype(jnp.float32), b.codes.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
+  else:
+    acc = jnp.einsum(spec, a.codes, b.codes, preferred_element_type=jnp.int32)
   def summed(x, letters):
     axes = tuple(letters.index(c) for c in contracted)
     rest = "".join(c for c in letters if c not in contracted)
     return _axes_to(jnp.sum(x, axis=axes, dtype=jnp.int32), rest, out)
-  size = int(np.prod([a.codes.shape[la.index(c)] for c in contracted]))
   acc = (acc - b.zero * summed(a.codes, la) - a.zero * summed(b.codes, lb)
          + size * a.zero * b.zero)
   return acc.astype(jnp.float32) * (a.scale * b.scale)
