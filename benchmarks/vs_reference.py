@@ -8,10 +8,10 @@ Both sides run in this process, one after the other, on the same timm
 `generate_data.py`, imported from the checkout and run unmodified on the CPU with the
 patches of tests/fixtures/make_psaq_reference.py (its `tqdm` is swapped for one that runs
 the first iterations of round 1 and times each). Here it is `synth.generate` with the
-`psaq` method, timed by its per-step callback, once before and once after the reference
-(the machine's load may drift while the slow side runs). The first iteration of each run
-(JAX's includes compilation) is left out; the script prints the medians of the rest and
-their ratio.
+`psaq` method, timed as whole runs of 1 and 1 + --iters steps (the difference over
+--iters, three such pairs), before and after the reference (the machine's load may drift
+while the slow side runs); a first run compiles and is left out. The reference's first
+iteration is left out too; the script prints the medians and their ratio.
 """
 from __future__ import annotations
 
@@ -80,15 +80,28 @@ def time_reference(gd: Any, model: torch.nn.Module, batch: int, iters: int) -> l
   return list(np.diff(ticks))
 
 
-def time_here(module: Any, params: Any, batch: int, iters: int) -> list[float]:
-  """Seconds of each of `iters` steps of synth.generate (psaq), from its step callback."""
+def run_seconds(module: Any, params: Any, batch: int, iters: int) -> float:
+  """Wall seconds of one whole synth.generate (psaq) run of `iters` steps, images on the
+  host at the end (the loop reads the device only every few steps, so a per-step
+  callback would time the dispatch, not the steps)."""
   cfg = synth.default_config("psaq", "vit")
   cfg.update(num_images=batch, iterations=iters, rounds=1, warmup=1)
-  ticks: list[float] = []
   start = time.perf_counter()
-  synth.generate(module, params, cfg, progress=False,
-                 callback=lambda step, terms: ticks.append(time.perf_counter()))
-  return list(np.diff([start] + ticks))
+  res = synth.generate(module, params, cfg, progress=False)
+  np.asarray(jax.block_until_ready(res.images))
+  return time.perf_counter() - start
+
+
+def time_here(module: Any, params: Any, batch: int, iters: int) -> list[float]:
+  """Seconds per step, from whole runs of 1 and 1 + `iters` steps (the difference over
+  `iters`), three times; a first 1-step run compiles and is left out."""
+  run_seconds(module, params, batch, 1)
+  out = []
+  for _ in range(3):
+    short = run_seconds(module, params, batch, 1)
+    long = run_seconds(module, params, batch, 1 + iters)
+    out.append((long - short) / iters)
+  return out
 
 
 def _list(seconds: list[float]) -> str:
@@ -123,13 +136,13 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), timm {timm.__version__}, jax {jax.__version__} "
         f"on {jax.devices()[0].platform}; batch {opts.batch}, {opts.iters} timed iterations "
         f"each after one untimed; load average {os.getloadavg()[0]:.1f}", flush=True)
-  before = time_here(module, params, opts.batch, opts.iters + 1)
-  print(f"here:      first {before[0]:.2f} s (compiles), then {_list(before[1:])}", flush=True)
+  before = time_here(module, params, opts.batch, opts.iters)
+  print(f"here:      s/iteration from run-length differences: {_list(before)}", flush=True)
   ref = time_reference(gd, model, opts.batch, opts.iters + 1)
   print(f"reference: first {ref[0]:.2f} s, then {_list(ref[1:])}", flush=True)
-  after = time_here(module, params, opts.batch, opts.iters + 1)
-  print(f"here:      first {after[0]:.2f} s (compiles), then {_list(after[1:])}")
-  here = before[1:] + after[1:]
+  after = time_here(module, params, opts.batch, opts.iters)
+  print(f"here:      s/iteration from run-length differences: {_list(after)}")
+  here = before + after
   m_here, m_ref = statistics.median(here), statistics.median(ref[1:])
   print(f"\nmedian s/iteration: reference {m_ref:.2f}, here {m_here:.2f}; "
         f"reference / here = {m_ref / m_here:.1f}x (load average {os.getloadavg()[0]:.1f})")

@@ -12,7 +12,8 @@ A run config is `get_config(arg) -> ConfigDict` with these blocks:
            default, so one block serves all methods and any field is a command-line override
   quant    w_bits, a_bits, preset, and every field of `spdfq_jax.quant.default_config`
            the same way (`--config.quant.recon.iters=20`)
-  eval     batch size and an optional image limit (0 = the whole split: the paper protocol)
+  eval     batch size, an optional image limit (0 = the whole split: the paper protocol),
+           integer: evaluate quantized rows on the integer model where there is one
   seed, num_images, export, export_to (a copy of the single row's quantized model at this
   path, which must not exist), paper (the paper's ImageNet top-1 for this model, keyed
   '<method>_w<W>a<A>' and 'fp'; each row of the report shows its own)
@@ -150,6 +151,9 @@ def get_config(model: str = "deit_small", *, checkpoint: Optional[str] = None,
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
   c.eval.limit = 0  # 0 = every image of the split
+  # Quantized rows run on the integer model (quant.integer) where the quantizer has one,
+  # else on the fake-quant model; each row's eval_path says which.
+  c.eval.integer = True
 
   c.methods = methods
   c.bits = ""

@@ -130,20 +130,24 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   timings.update(getattr(qmodel, "timings", None) or {})
   if cached is None:
     with timed(timings, "evaluate"):
+      from spdfq_jax.quant import integer  # pylint: disable=g-import-not-at-top
+      logits_fn, eval_path = integer.eval_logits(qmodel, config.eval.integer)
       batches, total = data.eval_batches()
-      result = evaluate.evaluate(qmodel.logits, batches, config.eval.batch_size, total=total,
+      result = evaluate.evaluate(logits_fn, batches, config.eval.batch_size, total=total,
                                  desc=f"eval {method} W{w_bits}A{a_bits}",
                                  progress_path=os.path.join(row_dir, EVAL_PROGRESS_FILE))
   else:  # only the export was missing
     result = {"top1": cached["quant_top1"], "top5": cached["quant_top5"],
               "count": cached["eval_count"]}
+    eval_path = cached.get("eval_path")
   if want_export and jax.process_index() == 0:
     with timed(timings, "export"):
       stages.export(export_path, qmodel)
   row = {"model": model_label(config), "method": method, "w_bits": w_bits, "a_bits": a_bits,
          "num_images": int(len(images)), "fp_top1": fp["top1"], "fp_top5": fp["top5"],
          "quant_top1": float(result["top1"]), "quant_top5": float(result["top5"]),
-         "eval_count": int(result["count"]), "timings": timings, "row_dir": row_dir,
+         "eval_count": int(result["count"]), "eval_path": eval_path, "timings": timings,
+         "row_dir": row_dir,
          "synth_dir": synth_dir, "export": export_path if want_export else None}
   # Data-free fit of the synthesis: class fit in percent, prior fit as a correlation.
   row.update({k: 100 * diag[k] if k.endswith("class_fit") else diag[k]

@@ -24,7 +24,8 @@ PACKAGES = ("spdfq_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "
 RESULT_COLUMNS = (("model", "model", "{}"), ("method", "method", "{}"),
                   ("bits", "W/A", "{}"), ("num_images", "images", "{}"),
                   ("fp_top1", "FP top-1", "{:.2f}"), ("quant_top1", "quant top-1", "{:.2f}"),
-                  ("quant_top5", "quant top-5", "{:.2f}"), ("paper_top1", "paper", "{:.2f}"),
+                  ("quant_top5", "quant top-5", "{:.2f}"), ("eval_path", "evaluated on", "{}"),
+                  ("paper_top1", "paper", "{:.2f}"),
                   ("class_fit", "class fit %", "{:.0f}"),
                   ("region_class_fit", "region class fit %", "{:.0f}"),
                   ("prior_fit", "prior fit", "{:.3f}"), ("prior_fit_chance", "chance", "{:.3f}"))

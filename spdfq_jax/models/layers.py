@@ -5,6 +5,10 @@ model's `point` factory and called on the tensor that flows through it. The defa
 factory is `Point`, the identity, so the FP model carries no extra variables and no
 extra cost. The quantization package passes its own factory (same call signature)
 to turn the same module into a fake-quantized one without renaming any parameter.
+
+A point may also return an `Encoded` activation instead of an array (integer inference,
+`spdfq_jax.quant.integer`): the layers a point feeds (`Dense`, `Conv`, `einsum`) hand such
+an input to it, so the same modules run on integer codes; array inputs take the float path.
 """
 from __future__ import annotations
 
@@ -21,6 +25,44 @@ POST_LN = "post_ln"  # input of a linear layer that directly follows a LayerNorm
 SOFTMAX = "softmax"  # post-softmax attention probabilities
 
 PointFactory = Callable[..., nn.Module]
+
+
+class Encoded:
+  """A quantized activation that computes the layer it feeds (see the module docstring).
+
+  `dense(layer)` / `conv(layer)` are called inside the layer's own method (so they may
+  read its variables); `einsum(spec, other, lhs)` is `einsum(spec, self, other)` when
+  lhs, else `einsum(spec, other, self)`.
+  """
+
+  def dense(self, layer: nn.Module) -> jax.Array:
+    raise NotImplementedError
+
+  def conv(self, layer: nn.Module) -> jax.Array:
+    raise NotImplementedError
+
+  def einsum(self, spec: str, other: "Encoded", lhs: bool) -> jax.Array:
+    raise NotImplementedError
+
+
+class Dense(nn.Dense):
+  """nn.Dense (same parameters and function); an `Encoded` input computes it."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    if isinstance(inputs, Encoded):
+      return inputs.dense(self)
+    return super().__call__(inputs)
+
+
+class Conv(nn.Conv):
+  """nn.Conv (same parameters and function); an `Encoded` input computes it."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    if isinstance(inputs, Encoded):
+      return inputs.conv(self)
+    return super().__call__(inputs)
 
 
 class Point(nn.Module):
@@ -65,12 +107,17 @@ def cast_conv(dtype: Optional[str]) -> Optional[Callable]:
 def dense(features: int, matmul_dtype: Optional[str], name: str, use_bias: bool = True
           ) -> nn.Dense:
   """nn.Dense whose matmul runs on `matmul_dtype` operands (None: float32 throughout)."""
-  return nn.Dense(features, use_bias=use_bias, dot_general=cast_dot_general(matmul_dtype),
-                  name=name)
+  return Dense(features, use_bias=use_bias, dot_general=cast_dot_general(matmul_dtype),
+               name=name)
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, matmul_dtype: Optional[str]) -> jax.Array:
-  """jnp.einsum on `matmul_dtype` operands with a float32 result (None: the plain one)."""
+  """jnp.einsum on `matmul_dtype` operands with a float32 result (None: the plain one);
+  `Encoded` operands compute it themselves."""
+  if isinstance(a, Encoded):
+    return a.einsum(spec, b, lhs=True)
+  if isinstance(b, Encoded):
+    return b.einsum(spec, a, lhs=False)
   return jnp.einsum(spec, *_cast(matmul_dtype, a, b), **_float32_out(matmul_dtype))
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Mlp, Point, PointFactory, cast_conv,
-                                     dense)
+from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Conv, Mlp, Point, PointFactory,
+                                     cast_conv, dense)
 
 MASK_VALUE = -100.0  # what the reference implementation adds to cross-region logits
 
@@ -90,7 +90,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.dim, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
+    x = Conv(self.dim, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
                 conv_general_dilated=cast_conv(self.matmul_dtype), name="proj")(x)
     return nn.LayerNorm(epsilon=self.eps, name="norm")(x)
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from typing import Optional
 
-from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Mlp, Point, PointFactory, cast_conv,
-                                     dense)
+from spdfq_jax.models.layers import (ACT, POST_LN, Attention, Conv, Mlp, Point, PointFactory,
+                                     cast_conv, dense)
 
 
 class Block(nn.Module):
@@ -57,7 +57,7 @@ class VisionTransformer(nn.Module):
   matmul_dtype: Optional[str] = None
 
   def setup(self):
-    self.patch_embed = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
+    self.patch_embed = Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
                                padding="VALID", conv_general_dilated=cast_conv(self.matmul_dtype),
                                name="patch_embed")
     self.patch_in = self.point(kind=ACT, name="patch_in")

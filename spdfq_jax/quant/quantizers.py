@@ -284,7 +284,7 @@ def percentile_mse_search(x: jax.Array, axes: Sequence[int], bits: int,
   return jnp.take_along_axis(s, best, 0)[0], jnp.take_along_axis(z, best, 0)[0]
 
 
-def _log2(x: jax.Array) -> jax.Array:
+def log2_torch(x: jax.Array) -> jax.Array:
   return jnp.log(x) / jnp.log(jnp.float32(2.0))  # as torch: ln(x) / ln(2), in float32
 
 
@@ -298,7 +298,7 @@ def ias_log2_quant(x: jax.Array, shift: jax.Array, lo: jax.Array, hi: jax.Array,
   n = 2 ** check_bits(bits)
   shift, lo, hi = (jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in (shift, lo, hi))
   step = jnp.maximum((hi - lo) / n, EPS)
-  t = _log2(x + shift)
+  t = log2_torch(x + shift)
   code = round_ste((t - lo) / step)
   code = jnp.where((code > 0) & (code < n), code, jax.lax.stop_gradient(jnp.clip(code, 0, n)))
   return (2.0 ** round_ste(code * step + lo) - shift).astype(x.dtype)
@@ -313,7 +313,7 @@ def ias_log2_search(x: jax.Array, bits: int, shifts: Sequence[float] = LOG2_SHIF
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
 
   def candidate(b):
-    t = _log2(x + b)
+    t = log2_torch(x + b)
     lo, hi = jnp.min(t), jnp.max(t)
     step = jnp.maximum((hi - lo) / (n - 1), EPS)
     code = jnp.clip(jnp.round((t - lo) / step), 0, n - 1)
