@@ -107,7 +107,8 @@ def markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
-STAGE_ORDER = ("load", "fp_eval", "real_images", "synthesize", "calibrate", "reparam", "reconstruct",
+STAGE_ORDER = ("load", "fp_eval", "real_images", "synthesize", "calibrate", "reconstruct_acts",
+               "reparameterize", "reconstruct",
                "quantize", "evaluate", "export")
 
 

@@ -84,16 +84,20 @@ def _check_integer_kernels(qm, im, bits):
   assert sum(np.size(v) for v in codes) <= padded // (2 if bits <= 4 else 1)
 
 
-@pytest.mark.parametrize("softmax", ["log2", "uniform"])
-def test_other_softmax_quantizers(fixture, softmax):
+@pytest.mark.parametrize("option", [{"softmax_quantizer": "log2"},
+                                    {"softmax_quantizer": "uniform"},
+                                    {"reparam_round_zero": True}])
+def test_other_quantizer_options(fixture, option):
+  """The defaults run I&S-ViT's 2^e - shift softmax levels and its non-integer folded zero
+  point (the test above); the other softmax quantizers and a rounded zero point too."""
   name, module, params, calib, test = fixture
   if name != "vit":
-    pytest.skip("one family is enough for the softmax variants")
+    pytest.skip("one family is enough for the quantizer options")
   for bits in (8, 4):
-    qm = _quantized(module, params, calib, bits, softmax_quantizer=softmax)
+    qm = _quantized(module, params, calib, bits, **option)
     im = integer.from_quantized(qm)
     err = _agree(im.module.apply(im.variables, test), qm.module.apply(qm.variables, test))
-    assert err <= 2e-6, (softmax, bits, err)
+    assert err <= 2e-6, (option, bits, err)
 
 
 def test_log_codes_sum_to_levels():
@@ -106,6 +110,21 @@ def test_log_codes_sum_to_levels():
     total = sum(c.dequantize() for c in codes.chunks())
     want = np.where(e < levels, 0.5 * 2.0 ** (-step * np.minimum(e, levels - 1)), 0.0)
     np.testing.assert_allclose(total, want, rtol=1e-6, atol=0)
+
+
+def test_shifted_log_codes_sum_to_levels():
+  """I&S-ViT's levels 2^e - shift as int8 chunks of 2^-f (f = top - e) and the offset:
+  summed against integer codes they give the float einsum of the levels exactly."""
+  e = np.arange(-12, 2)
+  top, shift = 1, np.float32(0.005)
+  codes = integer.LogCodes(np.int32(top - e), np.full(e.shape, True), np.float32(2.0 ** top),
+                           1.0, integer.MAX_EXPONENT + 1, shift)
+  np.testing.assert_array_equal(codes.dequantize(), (2.0 ** e - shift).astype(np.float32))
+  v = integer.IntCodes(np.arange(-7, 7, dtype=np.int8).reshape(14, 1), np.int32(3),
+                       np.float32(0.25))
+  got = codes.einsum("k,kd->d", v, lhs=True)
+  want = (2.0 ** e - np.float64(shift)) @ ((np.arange(-7, 7) - 3) * 0.25)
+  np.testing.assert_allclose(np.asarray(got), [want], rtol=1e-6)
 
 
 def test_unsupported_quantizers_are_refused(fixture):

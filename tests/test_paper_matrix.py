@@ -146,6 +146,7 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
     for key in ("fp_top1", "fp_top5", "quant_top1", "quant_top5"):
       assert math.isfinite(row[key]) and 0 <= row[key] <= 100, (row["method"], key)
     assert row["eval_count"] == (6 if fixture else 8)
+    assert row["eval_path"] == "integer", row["method"]  # the default quantizer has one
     if row["method"] != rows_lib.REAL:
       assert {"prior_fit", "prior_fit_chance", "class_fit"} <= set(row), row["method"]
       for png in ("grid.png", "attention.png"):
