@@ -7,7 +7,8 @@ usage: python kill_child.py WORKDIR [PAUSE]
 PAUSE names one point where the child prints `PAUSE <point>` and waits (until SIGTERM
 arrives, or 60 s) so that the parent can signal it exactly there:
   'synth N'           after synthesis step N (before that step's checkpoint, if any)
-  'recon UNIT N'      before reconstruction step N (1-based) of UNIT
+  'recon UNIT N'      before step N (1-based) of UNIT in the reconstruction after weight
+                      quantization; 'recon_acts UNIT N' in the one before it (FP weights)
   'eval N'            before the quantized model's evaluation batch N (1-based)
   'save synth N default'  inside the Orbax save of synthesis step N: the arrays are written
                       into N.orbax-checkpoint-tmp/, nothing is renamed yet
@@ -29,6 +30,7 @@ from orbax.checkpoint._src.path import atomicity  # noqa: E402
 from spdfq_jax import checkpoint, evaluate, interrupt, main, synth  # noqa: E402
 
 reconstruct = importlib.import_module("spdfq_jax.quant.reconstruct")  # not quant.reconstruct()
+api = importlib.import_module("spdfq_jax.quant.api")
 
 PAUSE = sys.argv[2] if len(sys.argv) > 2 else None
 EVAL_SAVE_EVERY = 2
@@ -60,13 +62,21 @@ def instrument(stages):
   stages.generate = lambda m, p, cfg, workdir=None: synth.generate(
       m, p, cfg, workdir=workdir, progress=False, callback=lambda s, _: mark(f"synth {s + 1}"))
 
-  step, calls = reconstruct._step, {}  # pylint: disable=protected-access
+  step, calls, stage = reconstruct._step, {}, ["recon"]  # pylint: disable=protected-access
 
   def counted_step(qmod, name, *args):
-    calls[name] = calls.get(name, 0) + 1
-    mark(f"recon {name} {calls[name]}")
+    key = f"{stage[0]} {name}"
+    calls[key] = calls.get(key, 0) + 1
+    mark(f"{key} {calls[key]}")
     return step(qmod, name, *args)
   reconstruct._step = counted_step  # pylint: disable=protected-access
+
+  run_stage = api.reconstruct
+
+  def named_stage(*args, workdir=None, **kw):  # the stage is named by its directory
+    stage[0] = os.path.basename(workdir)
+    return run_stage(*args, workdir=workdir, **kw)
+  api.reconstruct = named_stage
 
   run_eval = evaluate.evaluate
 

@@ -28,14 +28,14 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_child.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (stage, point, step resumed from after SIGKILL, after SIGTERM). Synthesis checkpoints
-# every 3 steps and on SIGTERM after the current step; reconstruction after each of its 4
-# units (SIGTERM redoes the unit it was in); evaluation saves its counts every 2 batches
-# and on SIGTERM after the current batch.
+# every 3 steps and on SIGTERM after the current step; each reconstruction stage (FP weights,
+# then quantized weights) after each of its 4 units (SIGTERM redoes the unit it was in);
+# evaluation saves its counts every 2 batches and on SIGTERM after the current batch.
 POINTS = (
     ("synthesis", "synth 4", 3, 4),
     ("synthesis", "synth 7", 6, 7),
     ("synthesis", "synth 11", 9, 11),
-    ("reconstruction", "recon blocks.0 2", 1, 1),
+    ("reconstruction_acts", "recon_acts blocks.0 2", 1, 1),
     ("reconstruction", "recon blocks.1 2", 2, 2),
     ("reconstruction", "recon head 3", 3, 3),
     ("evaluation", "eval 3", 2, 3),
@@ -45,6 +45,7 @@ POINTS = (
 # What a restart logs when it resumes each stage; group 1 is the step.
 RESUMED = {
     "synthesis": r"resumed from checkpoint \S+/synthetic/checkpoints step (\d+)",
+    "reconstruction_acts": r"resumed from checkpoint \S+/quant/recon_acts step (\d+)",
     "reconstruction": r"resumed from checkpoint \S+/quant/recon step (\d+)",
     "evaluation": r"eval inversion W4A4: resumed from \S+ after (\d+) batches",
 }
@@ -100,8 +101,10 @@ def _resumed_step(stage: str, out: str) -> int:
     assert synth_steps and synth_steps[0] == step + 1, synth_steps  # went on, not from 1
   else:
     assert not synth_steps and "MARK save result.npz" not in out  # the set was reused
+  if stage == "reconstruction":
+    assert not _markers(out, "recon_acts "), "the first reconstruction stage ran again"
   if stage == "evaluation":
-    assert not _markers(out, "recon "), "reconstruction ran again"
+    assert not _markers(out, "recon"), "reconstruction ran again"
   return step
 
 

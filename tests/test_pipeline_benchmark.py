@@ -3,6 +3,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +44,14 @@ def test_reconstruction_iterations_after_each_units_first():
   assert pipeline.recon_later_iterations(pipeline.Ticks(recon_units=[[0.0, 5.0]])) == (0.0, None)
 
 
-def test_synthesis_step_seconds_start_at_the_call():
-  ticks = pipeline.Ticks(synth_start=1.0, synth_steps=[4.0, 4.5, 5.25])
-  assert ticks.step_seconds() == [3.0, 0.5, 0.75]
+def test_synthesis_step_seconds_come_from_the_device_reads():
+  # Read every 2 steps: each read calls back for its 2 steps at once (a burst); only the
+  # last callback of a burst marks finished steps.
+  ticks = pipeline.Ticks(synth_start=1.0, synth_steps=[
+      (0, 4.0), (1, 4.0002), (2, 5.0), (3, 5.0004), (4, 6.5), (5, 6.5001)])
+  first, covered, later = ticks.step_seconds()
+  assert first == pytest.approx(3.0002) and covered == 2
+  assert later == pytest.approx([(5.0004 - 4.0002) / 2, (6.5001 - 5.0004) / 2])
 
 
 def test_device_peaks():
