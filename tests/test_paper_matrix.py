@@ -1,4 +1,5 @@
-"""Every paper config and built-in test bed through the user's command, end to end.
+"""Every paper config and the Fashion-MNIST models through the user's command, end to end
+(the scenes bed: tests/test_scenes.py).
 
 Each cell parses a config file with its command-line overrides exactly as
 `python -m spdfq_jax.main` does (`main.define_config_flag` + `main.parse_flags`) and runs
@@ -6,7 +7,7 @@ Each cell parses a config file with its command-line overrides exactly as
 calibration, reparameterisation, reconstruction, evaluation, export. The paper configs run
 on tiny random timm checkpoints of their family (tests/fixtures/paper, made by
 make_paper_fixtures.py) and an ImageNet-layout folder of JPEGs under real WordNet ids; the
-built-in models on their own beds. Iteration counts are tiny: the point is that every model
+built-in models on their own bed. Iteration counts are tiny: the point is that every model
 family, method and bit setting the README promises gets through to a report and an export.
 
 The last test runs the command itself (`python -m spdfq_jax.main`) on 4 devices with an
@@ -39,29 +40,29 @@ TINY = ["--config.num_images=2", "--config.synth.iterations=2", "--config.synth.
         "--config.quant.recon.iters=1", "--config.eval.batch_size=4"]
 VIT_ARCH = "--config.model.arch=vit:num_heads=2"  # a timm ViT's qkv does not say its heads
 SWIN_ARCH = "--config.model.arch=swin:img_size=224"  # nor does a Swin say its input size
+NO_RECON = "--config.quant.recon.iters=0"
 
 # id: (config argument, checkpoint fixture or None for a built-in model, extra flags).
-# Together: the seven paper configs, the three built-in models, every method in each family
-# (ViT, DeiT with its distillation token, Swin), and W4A4, W6A6 and W3A3.
+# Together: the seven paper configs, the two Fashion-MNIST models, every method in each
+# family (ViT, DeiT with its distillation token, Swin), and W4A4, W6A6 and W3A3.
 CELLS = {
-    "vit_small": ("configs/vit_small.py:w4a4", "vit", [VIT_ARCH, "--config.methods=noise,inversion"]),
+    # Reconstruction (both stages) through the command: vit_base, deit_tiny, deit_small,
+    # deit_base and swin_base; the colab notebook runs it on the demo config. The other cells
+    # stop before it (it compiles one step per unit and stage, the largest cost of a cell).
+    "vit_small": ("configs/vit_small.py:w4a4", "vit",
+                  [VIT_ARCH, "--config.methods=noise,inversion", NO_RECON]),
     "vit_base": ("configs/vit_base.py:w6a6", "vit", [VIT_ARCH, "--config.methods=psaq,spdfq,real"]),
     "deit_tiny": ("configs/deit_tiny.py:w3a3", "deit_distilled",
                   [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,real"]),
     "deit_small": ("configs/deit_small.py:w4a4", "deit", [VIT_ARCH]),
     "deit_base": ("configs/deit_base.py:w4a4", "deit", [VIT_ARCH, "--config.methods=noise"]),
     "swin_small": ("configs/swin_small.py:w4a4", "swin",
-                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq"]),
-    # W4A4 like swin_small, so that the two share their quantization's compiled steps.
+                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq", NO_RECON]),
     "swin_base": ("configs/swin_base.py:w4a4", "swin", [SWIN_ARCH, "--config.methods=spdfq,real"]),
-    "fmnist_vit": ("configs/fmnist_w4a4.py", None, ["--config.eval.limit=8"]),
-    # Reconstruction of a Swin through the command is the two cells above; these two skip it
-    # (it compiles one step per unit, the largest cost of a cell).
+    "fmnist_vit": ("configs/fmnist_w4a4.py", None, ["--config.eval.limit=8", NO_RECON]),
     "fmnist_swin": ("configs/fmnist_w4a4.py", None,
-                    ["--config.model.name=fmnist_swin", "--config.eval.limit=8",
-                     "--config.quant.recon.iters=0"]),
-    "scenes_vit": ("configs/scenes_w4a4.py", None,
-                   ["--config.eval.limit=8", "--config.quant.recon.iters=0"]),
+                    ["--config.model.name=fmnist_swin", "--config.eval.limit=8", NO_RECON]),
+    # The scenes bed through main: tests/test_scenes.py (configs/scenes_compare.py).
 }
 # The paper's ImageNet top-1 of the cells' rows (method.md's table); absent = not reported.
 PAPER_TOP1 = {("vit_base", "psaq"): 76.65, ("vit_base", "spdfq"): 79.16,
@@ -169,7 +170,9 @@ def test_command_on_four_devices_pads_the_batch_and_gives_one_devices_images(tmp
   images by 1e-4 after 2 steps but by 0.1 after 4, as its sharp KDE amplifies it."""
   argv = ["--config=configs/fmnist_w4a4.py", "--config.methods=psaq,spdfq",
           "--config.num_images=5", "--config.synth.iterations=2", "--config.synth.warmup=1",
-          "--config.quant.preset=calib", "--config.eval.limit=8", "--config.export=False"]
+          "--config.quant.preset=calib", "--config.quant.acts.method=minmax",
+          "--config.quant.weights.method=minmax", "--config.eval.limit=8",
+          "--config.export=False"]
 
   def command(devices: int) -> dict:
     workdir = tmp_path / f"d{devices}"
