@@ -15,12 +15,19 @@ above take it as they take a scalar one. The patch embedding is a matmul over pa
 LayerNorm, softmax, GELU, residual adds and the requantization scales stay float, as in
 the fake-quant model, whose logits this model reproduces to float rounding.
 
-Post-softmax attention (log2, or log-sqrt2: 2^(-e/2)) feeds `attn @ v` as int8 codes: a
-level 2^-f is 2^(8c+7-f) / 2^(8c+7) for the chunk c = f // 8 of eight exponents, and
-2^(8c+7-f) - 1 is in 0..127, an int8 code with zero point -1; one int8 matmul per chunk
-(and, for log-sqrt2, per parity of e: odd levels carry a float factor 2^-1/2) sums to the
-exact result. Exponents f above `MAX_EXPONENT` (levels below 2^-32 of the top one, far
-under float32 resolution of the sum) are dropped, so at most four chunks run.
+Post-softmax attention (I&S-ViT's 2^e - shift, log2, or log-sqrt2: 2^(-e/2)) feeds
+`attn @ v` as int8 codes: a level 2^-f is 2^(8c+7-f) / 2^(8c+7) for the chunk c = f // 8 of
+eight exponents, and 2^(8c+7-f) - 1 is in 0..127, an int8 code with zero point -1; one
+int8 matmul per chunk (and, for log-sqrt2, per parity of e: odd levels carry a float factor
+2^-1/2) sums to the exact result, and the shift is one correction term (shift times the
+contracted sums of v's codes). Exponents f above `MAX_EXPONENT` (levels below 2^-32 of the
+top one, far under float32 resolution of the sum) are dropped, so at most four chunks run.
+
+I&S-ViT's reparameterised zero point z + frac is not an integer: inside the grid the codes
+are those of the integer zero point z, and only the entries clipped to the grid's ends sit
+frac off it, which one more int8 matmul on their 0/1 mask adds (`IntCodes.parts`). A
+layer whose input stays FP (the image, by default) dequantizes its integer kernel when it
+runs (`FloatInput`).
 
 Kernels live in the `int_kernels` collection as int8 codes (5-8 bits) or packed two per
 byte (2-4 bits, unpacked inside the compiled function) with an int32 zero point and a
@@ -121,10 +128,15 @@ def _summed(x: jax.Array, letters: str, contracted: list[str], out: str) -> jax.
   return _axes_to(jnp.sum(x, axis=axes, dtype=jnp.int32), rest, out)
 
 
+def _size(x: jax.Array, letters: str, contracted: list[str]) -> int:
+  """How many terms each output element of the einsum sums."""
+  return int(np.prod([x.shape[letters.index(c)] for c in contracted]))
+
+
 def int_einsum(spec: str, a: "IntCodes", b: "IntCodes") -> jax.Array:
   """einsum of two dequantized operands, on their int8 codes (scalar zero points)."""
   la, lb, out, contracted = _letters(spec)
-  size = int(np.prod([a.codes.shape[la.index(c)] for c in contracted]))
+  size = _size(a.codes, la, contracted)
   if EXACT_FLOAT32_ATTENTION and size * 128 * 128 < 2 ** 24:
     acc = jnp.einsum(spec, a.codes.astype(jnp.float32), b.codes.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
@@ -284,10 +296,6 @@ class LogCodes(layers.Encoded):
                                           ).astype(jnp.float32)
                 for p in other.parts()]
     return functools.reduce(jnp.add, parts)
-
-
-def _size(x: jax.Array, letters: str, contracted: list[str]) -> int:
-  return int(np.prod([x.shape[letters.index(c)] for c in contracted]))
 
 
 def encode(spec: qconfig.PointSpec, x: jax.Array, state: dict, fractional_zero: bool = False
