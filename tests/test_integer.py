@@ -8,6 +8,7 @@ images are noise; the models are the timm parity fixtures (tiny ViT, DeiT-distil
 import os
 
 import flax
+import jax
 import numpy as np
 import pytest
 
@@ -150,3 +151,34 @@ def test_float32_attention_sums_are_the_integer_sums(fixture, monkeypatch):
   want = np.asarray(im.module.apply(im.variables, test))
   monkeypatch.setattr(integer, "EXACT_FLOAT32_ATTENTION", True)
   np.testing.assert_array_equal(np.asarray(im.module.apply(im.variables, test)), want)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                    reason="needs the Fashion-MNIST IDX files")
+def test_infer_command_evaluates_an_export_on_both_paths(tmp_path):
+  """`python -m spdfq_jax.tools.infer FILE --config=...`'s work: the integer and the
+  fake-quant model of one export classify the same test images alike, the sizes are the
+  file's and the parameters', and a file that is no export is refused by name."""
+  from spdfq_jax.tools import infer  # pylint: disable=g-import-not-at-top
+  from configs import fmnist_w4a4  # pylint: disable=g-import-not-at-top
+  module, params = models.load("fmnist_vit")
+  calib = np.random.RandomState(0).randn(8, 32, 32, 1).astype(np.float32)
+  qm = quant.quantize(module, params, calib, quant.default_config(4, 4, preset="reparam"),
+                      progress=False)
+  path = str(tmp_path / "q.safetensors")
+  export.save(path, qm)
+  config = fmnist_w4a4.get_config()
+  config.unlock()
+  config.eval.limit, config.eval.batch_size = 32, 32
+  got = {p: infer.run(path, config, p, False, 8, 1) for p in ("integer", "fake")}
+  assert got["integer"]["path"] == "integer" and got["integer"]["count"] == 32
+  assert abs(got["integer"]["top1"] - got["fake"]["top1"]) <= 100 / 32  # one image at most
+  n_params = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
+  assert got["integer"]["fp32_bytes"] == 4 * n_params
+  assert got["integer"]["file_bytes"] == os.path.getsize(path)
+  assert got["integer"]["integer_weight_bytes"] * 5 < got["integer"]["fp32_bytes"]
+  plain = str(tmp_path / "plain.safetensors")
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({"w": np.zeros(3, np.float32)}, plain)
+  with pytest.raises(ValueError, match="not a quantized spdfq_jax export"):
+    infer.run(plain, config, "integer", False, 8, 1)
