@@ -128,7 +128,7 @@ def recording_stages():
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
   config_arg, fixture, extra = CELLS[cell]
-  if fixture is None and not HAVE_FMNIST and "scenes" not in config_arg:
+  if fixture is None and not HAVE_FMNIST:
     pytest.skip("needs the Fashion-MNIST IDX files")
   argv = [f"--config={os.path.join(ROOT, config_arg)}"] + TINY + extra
   if fixture is not None:
