@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-import flax
 import jax
 import numpy as np
 
@@ -36,24 +35,9 @@ sys.path.insert(0, ROOT)
 
 from spdfq_jax import quant  # noqa: E402
 from spdfq_jax.data import fashion_mnist  # noqa: E402
-from spdfq_jax.models import native  # noqa: E402
+from spdfq_jax.models import layouts, native  # noqa: E402
 
 ASSET = os.path.join(ROOT, "spdfq_jax", "assets", "fmnist_vit.safetensors")
-
-
-def to_timm(params) -> dict[str, np.ndarray]:
-  """A ViT's params in timm's state-dict layout."""
-  out = {}
-  for path, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
-    path, v = list(path), np.asarray(v)
-    if path[0] == "patch_embed":
-      path = ["patch_embed", "proj"] + path[1:]
-    key = ".".join(p.replace("blocks_", "blocks.") for p in path[:-1])
-    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1])
-    if path[-1] == "kernel":
-      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-    out[f"{key}.{leaf}" if key else leaf] = np.ascontiguousarray(v)
-  return out
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -81,7 +65,7 @@ def reference(python: str, ref_dir: str, commit: str, module, params, calib, tes
   with tempfile.TemporaryDirectory() as tmp:
     job, out = os.path.join(tmp, "job.npz"), os.path.join(tmp, "out.npz")
     np.savez(job, timm_kwargs=np.array(json.dumps(kw)), calib=calib, test=test, w_bits=w,
-             a_bits=a, iters=iters, **{"sd/" + k: v for k, v in to_timm(params).items()})
+             a_bits=a, iters=iters, **{"sd/" + k: v for k, v in layouts.vit_to_timm(params).items()})
     subprocess.run([python, os.path.join(ROOT, "tests", "fixtures", "make_quant_reference.py"),
                     "--reference", ref_dir, "--commit", commit, "--side-run", job, out],
                    check=True, stdout=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from spdfq_jax import main, models
-from spdfq_jax.models import arch, native, zoo
+from spdfq_jax.models import arch, layouts, native, zoo
 from spdfq_jax.quant import config as quant_config
 from spdfq_jax.synth import config as synth_config
 from spdfq_jax.tools import convert as convert_tool
@@ -22,21 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shape of the example: outside the registry, grey-scale.
 SHAPE = dict(img_size=32, patch_size=4, width=64, depth=8, num_heads=4, num_classes=10)
 SPEC = "vit:img_size=32,patch_size=4,width=64,depth=8,num_heads=4"
-
-
-def to_timm(params) -> dict[str, np.ndarray]:
-  """Our ViT params in timm's state-dict layout (what huggingface.co/timm files hold)."""
-  out = {}
-  for path, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
-    path, v = list(path), np.asarray(v)
-    if path[0] == "patch_embed":
-      path = ["patch_embed", "proj"] + path[1:]
-    key = ".".join(p.replace("blocks_", "blocks.") for p in path[:-1])
-    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1])
-    if path[-1] == "kernel":
-      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-    out[f"{key}.{leaf}" if key else leaf] = np.ascontiguousarray(v)
-  return out
 
 
 @functools.lru_cache(None)
@@ -49,7 +34,7 @@ def _custom():
 @pytest.fixture
 def timm_file(tmp_path):
   path = str(tmp_path / "vit_c1.safetensors")
-  save_file(to_timm(_custom()[1]), path)
+  save_file(layouts.vit_to_timm(_custom()[1]), path)
   return path
 
 

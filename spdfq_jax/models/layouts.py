@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping, Optional
 
+import flax
 import numpy as np
 
 # Keys that timm / the original repos store but our modules recompute.
@@ -92,6 +93,22 @@ def timm_to_flax(sd: Mapping[str, np.ndarray], family: str) -> Params:
     leaf, value = timm_value(leaf, value)
     _set(params, path + [leaf], value)
   return params
+
+
+def vit_to_timm(params: Params) -> dict[str, np.ndarray]:
+  """Our ViT params -> timm's VisionTransformer state dict (the inverse of `timm_to_flax`
+  for a ViT): files timm and the reference code read."""
+  out = {}
+  for path, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+    path, v = list(path), np.asarray(v)
+    if path[0] == "patch_embed":
+      path = ["patch_embed", "proj"] + path[1:]
+    key = ".".join(p.replace("blocks_", "blocks.") for p in path[:-1])
+    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1])
+    if path[-1] == "kernel":
+      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+    out[f"{key}.{leaf}" if key else leaf] = np.ascontiguousarray(v)
+  return out
 
 
 # ----------------------------------------------------------------------------- AugReg .npz
