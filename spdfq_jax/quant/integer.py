@@ -51,6 +51,7 @@ from safetensors.numpy import load_file
 
 from spdfq_jax.models import layers, native, zoo
 from spdfq_jax.quant import config as qconfig
+from spdfq_jax.quant import qmodel
 from spdfq_jax.quant import quantizers as Q
 
 INT_KERNELS = "int_kernels"
@@ -358,7 +359,7 @@ class IntPoint(nn.Module):
       return FloatInput(x) if path.split("/")[-1] in LINEAR_INPUTS else x
     if spec.dynamic:
       raise ValueError(f"quant point {path!r}: per-token ranges have no integer path")
-    state = {k: self.get_variable("quant", k) for k in ("scale", "zero", "shift", "lo", "hi")
+    state = {k: self.get_variable("quant", k) for k in qmodel.STATE_KEYS
              if self.has_variable("quant", k)}
     if not state:
       raise ValueError(f"quant point {path!r} has no calibrated state")
@@ -518,7 +519,6 @@ def load(path: str) -> IntegerModel:
 def eval_logits(qm: Any, use_integer: bool) -> tuple[Callable[[jax.Array], jax.Array], str]:
   """What the evaluate stage runs on a quantized model, and which path that is: 'integer',
   or 'fake-quant' with the reason (eval.integer off, or no integer path)."""
-  from spdfq_jax.quant import qmodel  # pylint: disable=g-import-not-at-top
   if not use_integer:
     return qm.logits, "fake-quant (eval.integer off)"
   if not isinstance(qm, qmodel.QuantizedModel):
