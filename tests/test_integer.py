@@ -155,7 +155,7 @@ def test_float32_attention_sums_are_the_integer_sums(fixture, monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
                     reason="needs the Fashion-MNIST IDX files")
-def test_infer_command_evaluates_an_export_on_both_paths(tmp_path):
+def test_infer_command_evaluates_an_export_on_both_paths(tmp_path, monkeypatch):
   """`python -m spdfq_jax.tools.infer FILE --config=...`'s work: the integer and the
   fake-quant model of one export classify the same test images alike, the sizes are the
   file's and the parameters', and a file that is no export is refused by name."""
@@ -170,7 +170,15 @@ def test_infer_command_evaluates_an_export_on_both_paths(tmp_path):
   config = fmnist_w4a4.get_config()
   config.unlock()
   config.eval.limit, config.eval.batch_size = 32, 32
-  got = {p: infer.run(path, config, p, False, 8, 1) for p in ("integer", "fake")}
+  calls = []
+  integer_logits = integer.IntegerModel.logits
+  monkeypatch.setattr(integer.IntegerModel, "logits",
+                      lambda self, x: calls.append(len(x)) or integer_logits(self, x))
+  got = {}
+  for p in ("integer", "fake"):
+    calls.clear()
+    got[p] = infer.run(path, config, p, False, 8, 1)
+    assert sum(calls) == (32 if p == "integer" else 0), p  # the path it names ran
   assert got["integer"]["path"] == "integer" and got["integer"]["count"] == 32
   assert abs(got["integer"]["top1"] - got["fake"]["top1"]) <= 100 / 32  # one image at most
   n_params = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
