@@ -2,7 +2,7 @@
 
   python benchmarks/int_inference.py [--models vit_small_patch16_224,...,fmnist_vit]
       [--bits 8,4] [--batches 1,8] [--repeats 7] [--torch /work/venv-torch/bin/python]
-      [--matmul]
+      [--matmul] [--attention_f32] [--round_zero]
 
 Registry models get random weights at 224; the built-in bed models (fmnist_vit,
 fmnist_swin, scenes_vit) their own. Each is quantized at W{b}A{b} (preset 'reparam',
@@ -62,7 +62,7 @@ def load(name: str):
 
 
 def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
-                attention_f32: bool = False) -> list[dict]:
+                attention_f32: bool = False, round_zero: bool = False) -> list[dict]:
   module, params = load(name)
   size, channels = module.img_size, zoo.in_channels(module, params)
   fp32_bytes = sum(4 * np.size(v) for v in jax.tree_util.tree_leaves(params))
@@ -74,6 +74,11 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
     qm = quant.quantize(module, params, calib, cfg, progress=False)
     im = integer.from_quantized(qm)
     held = im.weight_bytes()
+    if round_zero:  # the same images, the zero point rounded: one matmul per linear layer
+      rcfg = quant.default_config(b, b, preset="reparam", w_method="minmax")
+      rcfg.reparam_round_zero = True
+      rounded = integer.from_quantized(quant.quantize(module, params, calib, rcfg,
+                                                      progress=False))
     for batch in batches:
       x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, channels))
       fns = {"fp32": lambda v: fp({"params": params}, v), "fake_quant": qm.logits,
@@ -81,13 +86,19 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
       if attention_f32:  # the same integer model, its attention sums held in float32
         f32 = jax.jit(functools.partial(_with_f32_attention, im.module))
         fns["integer_attn_f32"] = functools.partial(f32, im.variables)
+      if round_zero:
+        fns["integer_round_zero"] = rounded.logits
+        if attention_f32:  # both steps together
+          fns["integer_round_zero_attn_f32"] = functools.partial(
+              jax.jit(functools.partial(_with_f32_attention, rounded.module)), rounded.variables)
       secs = interleaved_medians(fns, x, repeats)
       rows.append({"model": name, "bits": f"w{b}a{b}", "batch": batch,
                    **{f"{k}_img_s": round(batch / s, 2) for k, s in secs.items()},
                    "integer_over_fp32": round(secs["fp32"] / secs["integer"], 2),
                    "integer_over_fake_quant": round(secs["fake_quant"] / secs["integer"], 2),
-                   **({"integer_attn_f32_over_fp32": round(
-                       secs["fp32"] / secs["integer_attn_f32"], 2)} if attention_f32 else {}),
+                   **{f"{k}_over_fp32": round(secs["fp32"] / secs[k], 2)
+                      for k in ("integer_attn_f32", "integer_round_zero",
+                                "integer_round_zero_attn_f32") if k in secs},
                    "fp32_weight_bytes": int(fp32_bytes),
                    "integer_weight_bytes": held["params"] + held["int_kernels"],
                    "fp32_over_integer_bytes": round(
@@ -139,6 +150,9 @@ def main() -> None:
   p.add_argument("--matmul", action="store_true")
   p.add_argument("--attention_f32", action="store_true",
                  help="also time the integer model with integer.EXACT_FLOAT32_ATTENTION")
+  p.add_argument("--round_zero", action="store_true",
+                 help="also time the integer model of the same calibration with "
+                      "reparam_round_zero=True (no second matmul for the fractional zero point)")
   a = p.parse_args()
   if a.repeats < 5:
     raise SystemExit("--repeats must be >= 5 (medians of at least five runs)")
@@ -150,7 +164,8 @@ def main() -> None:
   names = [n for n in a.models.split(",") if n]
   for name in names:
     bench_model(name, [int(b) for b in a.bits.split(",")],
-                [int(b) for b in a.batches.split(",")], a.repeats, a.attention_f32)
+                [int(b) for b in a.batches.split(",")], a.repeats, a.attention_f32,
+                a.round_zero)
   timm_names = [n for n in names if n in zoo.REGISTRY]
   if a.torch and timm_names:
     subprocess.run([a.torch, os.path.join(ROOT, "benchmarks", "int_inference_torch.py"),
