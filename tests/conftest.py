@@ -6,6 +6,9 @@ process, in the other xdist worker, or in a `main` subprocess). The cache direct
 once by the process that starts pytest; the workers and every subprocess inherit it
 through the environment, before jax is imported. Tests that need their own cache (a
 restarted child reusing its first run's steps) still set theirs.
+
+Tests marked `slow` are collected first, so that the two workers do not end the run with
+one of them alone on a long end-to-end check.
 """
 import os
 import shutil
@@ -21,3 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def pytest_unconfigure(config):
   if _OWNER and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["SPDFQ_TEST_XLA_CACHE"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first

@@ -3,6 +3,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +21,7 @@ def _run(workdir: str) -> tuple[dict, np.ndarray]:
   return out, np.load(os.path.join(out["synth_dir"], main.SET_FILE))["images"]
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_identical_images_and_report(tmp_path):
   first, images_a = _run(str(tmp_path / "a"))
   second, images_b = _run(str(tmp_path / "b"))

@@ -31,6 +31,8 @@ from spdfq_jax import main, quant
 from spdfq_jax import rows as rows_lib
 from spdfq_jax.data import imagenet
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "tests", "fixtures", "paper")
 HAVE_FMNIST = os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
