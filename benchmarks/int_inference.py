@@ -84,13 +84,11 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
       fns = {"fp32": lambda v: fp({"params": params}, v), "fake_quant": qm.logits,
              "integer": im.logits}
       if attention_f32:  # the same integer model, its attention sums held in float32
-        f32 = jax.jit(functools.partial(_with_f32_attention, im.module))
-        fns["integer_attn_f32"] = functools.partial(f32, im.variables)
+        fns["integer_attn_f32"] = _f32_attention_logits(im)
       if round_zero:
         fns["integer_round_zero"] = rounded.logits
         if attention_f32:  # both steps together
-          fns["integer_round_zero_attn_f32"] = functools.partial(
-              jax.jit(functools.partial(_with_f32_attention, rounded.module)), rounded.variables)
+          fns["integer_round_zero_attn_f32"] = _f32_attention_logits(rounded)
       secs = interleaved_medians(fns, x, repeats)
       rows.append({"model": name, "bits": f"w{b}a{b}", "batch": batch,
                    **{f"{k}_img_s": round(batch / s, 2) for k, s in secs.items()},
@@ -105,6 +103,12 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
                        fp32_bytes / (held["params"] + held["int_kernels"]), 2)})
       print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def _f32_attention_logits(im: integer.IntegerModel):
+  """im's forward, compiled with its attention sums in float32 (bit-identical)."""
+  return functools.partial(jax.jit(functools.partial(_with_f32_attention, im.module)),
+                           im.variables)
 
 
 def _with_f32_attention(module, variables: dict, x: jax.Array) -> jax.Array:
