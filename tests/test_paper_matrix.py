@@ -19,12 +19,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from spdfq_jax import main, quant
@@ -89,20 +87,6 @@ def imagenet_dir(tmp_path_factory):
         w, h = SIZES[(c + i) % len(SIZES)]
         Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(folder / f"{i}.JPEG")
   return str(root)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation(tmp_path_factory):
-  """Rows of one model compile the same steps: a persistent cache lets them share them."""
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()  # jax decides once per process whether a cache is used
-  yield
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  compilation_cache.reset_cache()
 
 
 def parse(argv: list[str]):
