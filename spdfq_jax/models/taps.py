@@ -7,14 +7,15 @@ import flax
 import jax
 
 
-def apply_with_attention(module, variables: Any, images: jax.Array
+def apply_with_attention(module, variables: Any, images: jax.Array, **kwargs: Any
                          ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
   """(logits, attn per block, attn_v per block), blocks in forward order.
 
   attn: post-softmax probabilities (B, heads, N, N) (Swin: (B * windows, heads, N, N));
-  attn_v: `attn @ v` merged over heads, before the output projection.
+  attn_v: `attn @ v` merged over heads, before the output projection. `kwargs` go to the
+  model's call (a ViT's `keep`).
   """
-  logits, state = module.apply(variables, images, mutable=["intermediates"])
+  logits, state = module.apply(variables, images, mutable=["intermediates"], **kwargs)
   flat = flax.traverse_util.flatten_dict(state["intermediates"])
   # Sow order is forward order; flatten_dict sorts keys, so sort by numeric path instead.
   def order(path):

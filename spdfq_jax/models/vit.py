@@ -81,14 +81,19 @@ class VisionTransformer(nn.Module):
   def num_prefix_tokens(self) -> int:
     return 2 if self.distilled else 1
 
-  def embed(self, images: jax.Array) -> jax.Array:
+  def embed(self, images: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+    """Images -> tokens (prefix tokens first), position embedding added. `keep` (B, K)
+    gathers those token indices after the position embedding (SMI's sparse forward: the
+    pruned tokens cost nothing downstream)."""
     x = self.patch_embed(self.patch_in(images))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
     prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
-    x = jnp.concatenate(prefix + [x], axis=1)
-    return x + self.pos_embed
+    x = jnp.concatenate(prefix + [x], axis=1) + self.pos_embed
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[:, :, None].astype(jnp.int32), axis=1)
+    return x
 
   def classify(self, x: jax.Array) -> jax.Array:
     x = self.norm(x)
@@ -105,8 +110,8 @@ class VisionTransformer(nn.Module):
       return self.classify(x)
     return self.blocks[int(name.split(".")[1])](x)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    x = self.embed(images)
+  def __call__(self, images: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+    x = self.embed(images, keep)
     for block in self.blocks:
       x = block(x)
     return self.classify(x)

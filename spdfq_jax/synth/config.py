@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("noise", "inversion", "psaq", "spdfq")
+METHODS = ("noise", "inversion", "psaq", "spdfq", "smi")
+SMI_SWIN_REFUSAL = (
+    "method smi needs a ViT or DeiT: SMI ranks and drops patch tokens by the class token's "
+    "attention after the position embedding, Swin has no class token and its shifted windows "
+    "need the whole grid, and the reference (Egg-Hu/SMI) runs ViT/DeiT only; choose noise, "
+    "inversion, psaq or spdfq for a Swin model.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections.ConfigDict:
-  """Defaults for `method` (noise | inversion | psaq | spdfq) on a `family` (vit | swin) model.
+  """Defaults for `method` (noise | inversion | psaq | spdfq | smi) on a `family` (vit | swin)
+  model.
 
   The method only sets which loss terms are on; every term stays a field, so an ablation is
   a config edit (e.g. `cfg.msr = False`).
@@ -22,6 +28,8 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
     raise ValueError(f"unknown synthesis method {method!r}; choose one of {', '.join(METHODS)}")
   if family not in ("vit", "swin"):
     raise ValueError(f"unknown model family {family!r} (vit | swin)")
+  if method == "smi" and family == "swin":
+    raise ValueError(SMI_SWIN_REFUSAL)
   c = ml_collections.ConfigDict()
   c.method = method
   c.num_images = 32
@@ -103,6 +111,20 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.soft_label_range = (5.0, 10.0)
   c.whole_target_has_regions = False  # (open) whole-image Z also carries the region classes
 
+  # SMI (method 'smi', synth/smi.py): at each step of smi_prune_at (the reference README's
+  # 50, 100, 200, 300 of 4000) the patch tokens kept so far lose the fraction
+  # smi_prune_ratio[i] that the last block's class token attends to least; () inverts
+  # densely. Each ordinary step rolls H and W by independent offsets of up to
+  # smi_jitter x the image side (the reference's 1/8). Steps past `iterations` are never
+  # reached, but the final mask counts every ratio, as in the reference.
+  c.smi_prune_at = (50, 100, 200, 300)
+  c.smi_prune_ratio = (0.3, 0.3, 0.3, 0.3)
+  c.smi_jitter = 0.125
+  if method == "smi":  # test_quant.py's inversion settings
+    c.iterations, c.rounds, c.warmup = 4000, 1, 0
+    c.lr, c.b1, c.b2 = 0.25, 0.5, 0.99
+    c.tv_weight, c.tv_mode = 1e-4, "min"  # tv2: L2 TV of the image before the jitter
+
   c.checkpoint_every = 100
 
   # How the loop runs (not what it computes, so not part of a run's identity; see
@@ -126,7 +148,9 @@ RUNTIME_FIELDS = ("log_every", "remat", "microbatches")
 
 
 # Fields added after runs were cached, at the value that keeps those runs' identity.
-LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False}
+LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
+                "smi_prune_at": (50, 100, 200, 300), "smi_prune_ratio": (0.3, 0.3, 0.3, 0.3),
+                "smi_jitter": 0.125}
 
 
 def identity(cfg: ml_collections.ConfigDict) -> dict:

@@ -9,7 +9,6 @@ padded batch, or a run resumed from a checkpoint all give the same images.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Callable, Optional
 
@@ -20,10 +19,12 @@ import optax
 
 from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.synth import config as synth_config
+from spdfq_jax.synth import smi
 from spdfq_jax.synth.diagnostics import diagnostics
 from spdfq_jax.synth.draws import draw_labels, draw_priors, initial_images
 from spdfq_jax.synth.layout import ModelInfo, apa_block_indices, model_info
 from spdfq_jax.synth.plan import Plan, make_plan
+from spdfq_jax.synth.readout import fetch_points, finite_or_raise
 from spdfq_jax.synth.result import RESULT, SUBDIR, SynthResult, load_result, save_result
 from spdfq_jax.synth.step import empty_log, make_step
 
@@ -46,18 +47,6 @@ def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
     parallel.barrier(f"synthesis config checked: {directory}")  # every process read it first
     parallel.on_primary(f"synthesis config written: {directory}", checkpoint.write_text, path,
                         _config_json(cfg))
-
-
-def _finite_or_raise(start: int, terms: dict[str, np.ndarray]) -> None:
-  """Raises at the first step of a fetched block (rows from step `start`) with a
-  non-finite term, naming the step and the terms."""
-  bad = ~np.isfinite(np.stack(list(terms.values()), -1)).all(-1)
-  if bad.any():
-    i = int(np.argmax(bad))
-    row = {k: float(v[i]) for k, v in terms.items()}
-    detail = ", ".join(f"{k}={v}" for k, v in row.items() if not math.isfinite(v))
-    raise FloatingPointError(f"synthesis loss is not finite at step {start + i}: {detail} "
-                             f"(all terms: {row})")
 
 
 def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
@@ -90,7 +79,13 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   result = SynthResult(x0, labels["classes"], labels["targets"],
                        labels["region_classes"] if cfg.msr else None,
                        labels["region_targets"] if cfg.msr else None, pri, blocks)
-  if cfg.method != "noise":
+  if cfg.method == "smi":
+    splan = smi.make_plan(cfg, info)
+    last = smi.invert(module, params, cfg, info, x0, labels["targets"], splan,
+                      directory=directory, progress=progress, callback=callback)
+    result.images, result.kept_patches = smi.final_mask(module, params, cfg, info, last,
+                                                        splan.final_keep)
+  elif cfg.method != "noise":
     fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
              "priors": pri if cfg.apa else []}
     result.images = optimise(module, params, cfg, info, blocks, x0, fixed, make_plan(cfg, info),
@@ -173,7 +168,7 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       # The block's steps sit in rows first % K .. (end - 1) % K: one fetch for all of them.
       rows = slice(first % cfg.log_every, first % cfg.log_every + end - first)
       got = jax.device_get(log)
-      _finite_or_raise(first, {k: v[rows] for k, v in got["terms"].items()})
+      finite_or_raise(first, {k: v[rows] for k, v in got["terms"].items()})
       values = {k: v[rows] for k, v in {**got["terms"], **got["stats"]}.items()}
       if bar is not None:
         bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in values.items()}, refresh=False)
@@ -192,12 +187,3 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
     if bar is not None:
       bar.close()
   return parallel.to_host(x)[:n].astype(np.float32)
-
-
-def fetch_points(start: int, total: int, every: int, checkpoint_every: int
-                 ) -> list[tuple[int, int]]:
-  """Blocks [first, end) of steps run without looking at the device: they end at every
-  multiple of `every` (the log buffer's length) and of `checkpoint_every`, and at `total`."""
-  ends = sorted({e for e in range(start + 1, total + 1)
-                 if e % every == 0 or e % checkpoint_every == 0 or e == total})
-  return list(zip([start] + ends[:-1], ends))

@@ -31,6 +31,9 @@ class SynthResult:
   priors: Optional[list[np.ndarray]] = None
   apa_blocks: tuple[int, ...] = ()  # 0-based block index of each prior
   diagnostics: dict = dataclasses.field(default_factory=dict)  # see `diagnostics`
+  # SMI: (n, K) 0-based patch indices left unmasked, ascending; calibration keeps only
+  # these patch tokens (the others are zero in `images`).
+  kept_patches: Optional[np.ndarray] = None
 
 
 def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigDict) -> None:
@@ -41,6 +44,8 @@ def save_result(directory: str, result: SynthResult, cfg: ml_collections.ConfigD
   if result.region_classes is not None:
     arrays["region_classes"] = result.region_classes
     arrays["region_targets"] = result.region_targets
+  if result.kept_patches is not None:
+    arrays["kept_patches"] = result.kept_patches
   for j, p in enumerate(result.priors or []):
     arrays[f"prior_{j}"] = p
   arrays["diagnostics"] = np.asarray(json.dumps(result.diagnostics))
@@ -58,4 +63,5 @@ def load_result(path: str) -> SynthResult:
                      z["region_classes"] if "region_classes" in z.files else None,
                      z["region_targets"] if "region_targets" in z.files else None,
                      pri or None, tuple(int(v) for v in z["apa_blocks"]),
-                     json.loads(str(z["diagnostics"])) if "diagnostics" in z.files else {})
+                     json.loads(str(z["diagnostics"])) if "diagnostics" in z.files else {},
+                     z["kept_patches"] if "kept_patches" in z.files else None)
