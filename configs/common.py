@@ -63,6 +63,14 @@ for _m, (_psaq, _spdfq) in {"vit_small": (77.20, 78.40), "vit_base": (76.65, 79.
   PAPER[(_m, "psaq", "w6a6")] = _psaq
   PAPER[(_m, "spdfq", "w6a6")] = _spdfq
 PAPER[("vit_base", "real", "w4a4")] = 68.16
+_W4A4_V2_SMI = {  # PSAQ-ViT V2, SMI
+    "vit_small": (41.53, 24.33), "vit_base": (26.32, 35.27), "deit_tiny": (30.20, 30.14),
+    "deit_small": (45.53, 42.77), "deit_base": (66.43, 65.33), "swin_small": (65.55, 65.85),
+    "swin_base": (67.42, 65.23),
+}
+for _m, (_psaq_v2, _smi) in _W4A4_V2_SMI.items():
+  PAPER[(_m, "psaq_v2", "w4a4")] = _psaq_v2
+  PAPER[(_m, "smi", "w4a4")] = _smi
 
 
 def paper_numbers(model: str) -> ml_collections.ConfigDict:

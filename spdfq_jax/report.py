@@ -1,4 +1,5 @@
-"""What a run leaves behind for people: report.json, report.md, metrics, image grids.
+"""What a run leaves behind for people: report.json, report.md, paper_table.md, metrics,
+image grids.
 
 The JSON is the record (numbers in percent, timings in seconds, the machine and package
 versions, so a figure can be traced); the markdown is the same content as tables. Metrics
@@ -107,17 +108,94 @@ def markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
+# The paper's results table (arXiv 2412.16553): calibration sources in its column order,
+# as (method, header); methods outside it follow in the order the rows give them.
+PAPER_SOURCES = (("noise", "noise"), ("inversion", "inversion"), ("psaq", "PSAQ-ViT"),
+                 ("psaq_v2", "PSAQ-ViT V2"), ("smi", "SMI"), ("spdfq", "SPDFQ"),
+                 ("mimiq", "MimiQ"), ("real", "real images"))
+PAPER_TABLE_FILE = "paper_table.md"
+
+
+def paper_cell(ours: Any, paper: Any = None) -> str:
+  """'47.10 (paper 47.24)': our figure with the paper's beside it, so a cell reads as a
+  comparison; only ours when the paper has none, '-' when the cell was not run."""
+  cell = _cell(ours, "{:.2f}")
+  if cell == "-" or paper is None:
+    return cell
+  return f"{cell} (paper {paper:.2f})"
+
+
+def paper_fp_of(report: Mapping[str, Any]) -> dict[str, float]:
+  """{model: the paper's FP top-1}, from the run's config (config.paper.fp), which the
+  rows do not carry; empty for a model the paper does not report."""
+  fp = ((report.get("config") or {}).get("paper") or {}).get("fp")
+  return {} if fp is None else {r["model"]: fp for r in report.get("rows", [])}
+
+
+def _first_seen(values: Iterable[Any]) -> list[Any]:
+  return list(dict.fromkeys(values))
+
+
+def _paper_sources(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """The columns some row has: the paper's in its order, then any other method."""
+  methods = _first_seen(r["method"] for r in rows)
+  known = [(m, h) for m, h in PAPER_SOURCES if m in methods]
+  return known + [(m, m) for m in methods if m not in dict(PAPER_SOURCES)]
+
+
+def _setting_table(rows: Sequence[Mapping[str, Any]],
+                   paper_fp: Mapping[str, float]) -> str:
+  """One bit setting: a line per model (first-seen order), FP then each source."""
+  sources = _paper_sources(rows)
+  cells = {(r["model"], r["method"]): r for r in rows}  # a later row replaces an earlier one
+  lines = ["| model | FP | " + " | ".join(h for _, h in sources) + " |",
+           "|" + "|".join("---" for _ in range(len(sources) + 2)) + "|"]
+  for model in _first_seen(r["model"] for r in rows):
+    fp = next((r["fp_top1"] for r in rows if r["model"] == model
+               and r.get("fp_top1") is not None), None)
+    line = [model, paper_cell(fp, paper_fp.get(model))]
+    for method, _ in sources:
+      row = cells.get((model, method), {})
+      line.append(paper_cell(row.get("quant_top1"), row.get("paper_top1")))
+    lines.append("| " + " | ".join(line) + " |")
+  return "\n".join(lines)
+
+
+def paper_tables(rows: Sequence[Mapping[str, Any]],
+                 paper_fp: Optional[Mapping[str, float]] = None) -> dict[str, str]:
+  """{'W4A4': table, ...} in the rows' order: the paper's layout (models x calibration
+  sources), one table per bit setting, so a run reads side by side with the paper."""
+  by_bits: dict[str, list[Mapping[str, Any]]] = {}
+  for r in rows:
+    by_bits.setdefault(bits_label(r["w_bits"], r["a_bits"]), []).append(r)
+  return {bits: _setting_table(rs, paper_fp or {}) for bits, rs in by_bits.items()}
+
+
+def paper_markdown(rows: Sequence[Mapping[str, Any]],
+                   paper_fp: Optional[Mapping[str, float]] = None) -> str:
+  """paper_table.md: the tables of `paper_tables` under a heading per bit setting."""
+  parts = ["# ImageNet top-1 (%) in the paper's layout", "",
+           "Each cell: this run's top-1, with the paper's (arXiv 2412.16553) beside it "
+           "where it reports one; '-' where not run.", ""]
+  for bits, t in paper_tables(rows, paper_fp).items():
+    parts += [f"## {bits}", "", t, ""]
+  return "\n".join(parts)
+
+
 STAGE_ORDER = ("load", "fp_eval", "real_images", "synthesize", "calibrate", "reconstruct_acts",
                "reparameterize", "reconstruct",
                "quantize", "evaluate", "export")
 
 
 def write(workdir: str, report: Mapping[str, Any]) -> tuple[str, str]:
-  """Writes report.json and report.md into `workdir` (atomically); returns their paths."""
+  """Writes report.json, report.md and paper_table.md into `workdir` (atomically);
+  returns the first two's paths."""
   json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
   checkpoint.write_text(json_path, json.dumps(to_jsonable(report), indent=2, sort_keys=False)
                         + "\n")
   checkpoint.write_text(md_path, markdown(report))
+  checkpoint.write_text(os.path.join(workdir, PAPER_TABLE_FILE),
+                        paper_markdown(report["rows"], paper_fp_of(report)))
   return json_path, md_path
 
 
