@@ -59,11 +59,24 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
   return scfg, f"{method}-{fingerprint(synth_config.identity(scfg), model_key(config))}"
 
 
+def check_synthesis(stages: Stages, module, config, pre: zoo.Preprocessing) -> None:
+  """Each synthetic row's settings, checked against the loaded model's family before the
+  first stage runs: one InputError naming the method and the field."""
+  from spdfq_jax import synth  # pylint: disable=g-import-not-at-top
+  for method in dict.fromkeys(m for m, _, _ in rows_of(config) if m != REAL):
+    try:
+      scfg, _ = synth_plan(stages, module, method, config, pre)
+      synth.check_config(scfg)
+    except ValueError as e:
+      raise InputError(f"methods={config.methods!r}, row {method}: {e}") from e
+
+
 def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collections.ConfigDict],
                     directory: str, config, pre: zoo.Preprocessing, data: Data
-                    ) -> tuple[np.ndarray, dict]:
-  """(images, diagnostics): synthesises (or, for the real row, reads) the calibration
-  images, cached in `directory`; diagnostics are the synthesis' class and prior fit."""
+                    ) -> tuple[np.ndarray, dict, Optional[np.ndarray]]:
+  """(images, diagnostics, kept patches): synthesises (or, for the real row, reads) the
+  calibration images, cached in `directory`; diagnostics are the synthesis' class and prior
+  fit; kept patches (SMI's unmasked patches per image) or None."""
   cached = read_set(directory)
   if cached is not None:
     return cached
@@ -74,10 +87,11 @@ def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collection
     # (a finished or interrupted set in .../<method>-<hash>/synthetic/) resumes the same way.
     result = stages.generate(module, params, scfg, workdir=directory)
     flatten_synth_dir(directory)
-    return np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {})
+    return (np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {}),
+            getattr(result, "kept_patches", None))
   images, labels = data.real_images(config.num_images, config.seed)
   parallel.on_primary(f"real set: {directory}", save_set, directory, images, labels, pre)
-  return images, {}
+  return images, {}, None
 
 
 
@@ -124,9 +138,14 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   os.makedirs(row_dir, exist_ok=True)
   timings: dict[str, float] = dict(cached["timings"]) if cached else {}
   with timed(timings, "synthesize" if scfg is not None else "real_images"):
-    images, diag = calibration_set(stages, module, params, scfg, synth_dir, config, pre, data)
+    images, diag, kept = calibration_set(stages, module, params, scfg, synth_dir, config, pre,
+                                         data)
+  # SMI's reference calibrates on the unmasked patches only (smi_calibrate_kept).
+  sparse = {"sparse_patches": int(kept.shape[1])} if (
+      kept is not None and scfg.smi_calibrate_kept) else {}
   with timed(timings, "quantize"):
-    qmodel = stages.quantize(module, params, images, qcfg, workdir=os.path.join(row_dir, "quant"))
+    qmodel = stages.quantize(module, params, images, qcfg, workdir=os.path.join(row_dir, "quant"),
+                             **sparse)
   timings.update(getattr(qmodel, "timings", None) or {})
   if cached is None:
     with timed(timings, "evaluate"):
@@ -184,6 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
   with timed(timings, "load"):
     module, params = load_model(stages, config)
   pre = preprocessing_of(config, module, params)
+  check_synthesis(stages, module, config, pre)
   data = Data(config, pre, zoo.in_channels(module, params))
   data.check(module, need_train=REAL in [m for m, _, _ in rows_of(config)])
   write_config(workdir, config)  # only now: a run refused above leaves the workdir as it was

@@ -105,14 +105,15 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", stem + suffix)
 
 
-def read_set(directory: str) -> Optional[tuple[np.ndarray, dict]]:
-  """(images, diagnostics) of a finished calibration set in `directory`, or None."""
+def read_set(directory: str) -> Optional[tuple[np.ndarray, dict, Optional[np.ndarray]]]:
+  """(images, diagnostics, kept patches or None) of a finished calibration set in
+  `directory`, or None. Kept patches: SMI's unmasked patches per image."""
   path = os.path.join(directory, SET_FILE)
   if not os.path.exists(path):
     return None
   with np.load(path) as z:
     diag = json.loads(str(z["diagnostics"])) if "diagnostics" in z.files else {}
-    return z["images"], diag
+    return z["images"], diag, z["kept_patches"] if "kept_patches" in z.files else None
 
 
 def flatten_synth_dir(directory: str) -> None:

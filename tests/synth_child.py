@@ -22,6 +22,11 @@ def tiny_params(module):
   return jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
 
 
+# SMI on the tiny distilled ViT: 16 -> 11 -> 7 -> 4 patch tokens at steps 3, 6, 9, so the
+# checkpoints at steps 4 and 8 hold pruned token lists.
+SMI = {"method": "smi", "smi_prune_at": (3, 6, 9), "smi_prune_ratio": (0.3, 0.3, 0.3)}
+
+
 def tiny_config(method="spdfq", **overrides):
   cfg = synth.default_config(method)
   cfg.num_images = 5
@@ -36,7 +41,7 @@ def main():
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
   sleep = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
   module = tiny_vit()
-  cfg = tiny_config(**overrides)
+  cfg = tiny_config(overrides.pop("method", "spdfq"), **overrides)
   callback = (lambda s, t: time.sleep(sleep)) if sleep else None
   synth.generate(module, tiny_params(module), cfg, workdir=workdir, progress=False,
                  callback=callback)

@@ -12,6 +12,7 @@ import pytest
 
 from spdfq_jax import synth
 from spdfq_jax.models import zoo
+from spdfq_jax.synth import smi
 
 sys.path.insert(0, os.path.dirname(__file__))
 import synth_child  # noqa: E402
@@ -33,14 +34,30 @@ def _load(workdir):
   return synth.load_result(os.path.join(workdir, "synthetic", "result.npz"))
 
 
+def _generate(overrides: dict, workdir: str):
+  module = synth_child.tiny_vit()
+  o = dict(overrides)
+  return synth.generate(module, synth_child.tiny_params(module),
+                        synth_child.tiny_config(o.pop("method", "spdfq"), **o),
+                        workdir=workdir, progress=False)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """Uninterrupted single-device SPDFQ run of the child's config, in this process."""
   workdir = str(tmp_path_factory.mktemp("ref"))
-  module = synth_child.tiny_vit()
-  result = synth.generate(module, synth_child.tiny_params(module), synth_child.tiny_config(),
-                          workdir=workdir, progress=False)
-  return workdir, result
+  return workdir, _generate({}, workdir)
+
+
+@pytest.fixture(scope="module")
+def smi_reference(tmp_path_factory):
+  """The same for SMI (tokens pruned at steps 3, 6 and 9)."""
+  workdir = str(tmp_path_factory.mktemp("smi_ref"))
+  return workdir, _generate(synth_child.SMI, workdir)
+
+
+# Each method's reference run and its child overrides (JSON).
+METHODS = {"spdfq": ("reference", {}), "smi": ("smi_reference", synth_child.SMI)}
 
 
 def test_outputs(reference):
@@ -69,20 +86,29 @@ def test_outputs(reference):
     synth.generate(synth_child.tiny_vit(), None, synth_child.tiny_config(seed=1), workdir=workdir)
 
 
-def test_four_devices_padded_batch_equals_one_device(reference, tmp_path):
-  _, ref = reference
-  out = subprocess.run([sys.executable, CHILD, str(tmp_path), "{}"], env=_child_env(4),
+@pytest.mark.parametrize("method", list(METHODS))
+def test_four_devices_padded_batch_equals_one_device(method, request, tmp_path):
+  fixture, overrides = METHODS[method]
+  _, ref = request.getfixturevalue(fixture)
+  arg = json.dumps(overrides)
+  out = subprocess.run([sys.executable, CHILD, str(tmp_path), arg], env=_child_env(4),
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "devices 4" in out.stdout  # 5 images on 4 devices: padded to 8
-  np.testing.assert_allclose(_load(str(tmp_path)).images, ref.images, atol=2e-4)
+  got = _load(str(tmp_path))
+  np.testing.assert_allclose(got.images, ref.images, atol=2e-4)
+  if method == "smi":
+    np.testing.assert_array_equal(got.kept_patches, ref.kept_patches)
 
 
-def test_killed_run_resumes_to_the_same_images(reference, tmp_path):
-  _, ref = reference
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_run_resumes_to_the_same_images(method, request, tmp_path):
+  fixture, overrides = METHODS[method]
+  _, ref = request.getfixturevalue(fixture)
+  arg = json.dumps(overrides)
   ckpt = tmp_path / "synthetic" / "checkpoints"
   env = _child_env(cache=tmp_path / "jax_cache")
-  proc = subprocess.Popen([sys.executable, CHILD, str(tmp_path), "{}", "0.5"], env=env,
+  proc = subprocess.Popen([sys.executable, CHILD, str(tmp_path), arg, "0.5"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
     deadline = time.time() + 240
@@ -99,10 +125,13 @@ def test_killed_run_resumes_to_the_same_images(reference, tmp_path):
   assert not (tmp_path / "synthetic" / "result.npz").exists()
   steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
   assert steps and max(steps) < 12
-  out = subprocess.run([sys.executable, CHILD, str(tmp_path), "{}"], env=env,
+  out = subprocess.run([sys.executable, CHILD, str(tmp_path), arg], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  np.testing.assert_allclose(_load(str(tmp_path)).images, ref.images, atol=1e-5)
+  got = _load(str(tmp_path))
+  np.testing.assert_allclose(got.images, ref.images, atol=1e-5)
+  if method == "smi":
+    np.testing.assert_array_equal(got.kept_patches, ref.kept_patches)
 
 
 def test_nan_loss_names_step_and_term():
@@ -127,3 +156,17 @@ def test_swin_spdfq(tmp_path):
   assert r.apa_blocks == (1, 2, 3)  # L = 4: l = 2, 3, 4
   assert [p.shape for p in r.priors] == [(3, 2, 16), (3, 4, 16), (3, 4, 16)]
   assert os.path.exists(tmp_path / "synthetic" / "attention.png")
+
+
+def test_smi_outputs(smi_reference):
+  """SMI's set: the final mask keeps int(17 * 0.7^3) = 5 of the 16 patches per image (the
+  reference counts the class token in), the others are exactly zero, and the file keeps
+  which ones."""
+  workdir, r = smi_reference
+  assert r.kept_patches.shape == (5, 5)
+  assert (np.diff(r.kept_patches, axis=1) > 0).all()  # ascending, as calibration finds them
+  nonzero = smi.nonzero_patches(r.images, 4)
+  for i in range(5):
+    np.testing.assert_array_equal(np.flatnonzero(nonzero[i]), r.kept_patches[i])
+  np.testing.assert_array_equal(_load(workdir).kept_patches, r.kept_patches)
+  assert r.classes.shape == (5,) and r.targets.max(-1).min() == 1.0  # hard labels

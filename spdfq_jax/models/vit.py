@@ -55,6 +55,10 @@ class VisionTransformer(nn.Module):
   point: PointFactory = Point
   remat: bool = False
   matmul_dtype: Optional[str] = None
+  # > 0: each image keeps only its first `sparse_patches` patches holding a non-zero value
+  # (with the prefix tokens), as SMI's reference calibrates on its masked images, whose
+  # pruned patches are exactly zero. 0: every patch.
+  sparse_patches: int = 0
 
   def setup(self):
     self.patch_embed = Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
@@ -91,9 +95,22 @@ class VisionTransformer(nn.Module):
     prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
     prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
     x = jnp.concatenate(prefix + [x], axis=1) + self.pos_embed
+    if keep is None and self.sparse_patches:
+      keep = self.nonzero_tokens(images)
     if keep is not None:
       x = jnp.take_along_axis(x, keep[:, :, None].astype(jnp.int32), axis=1)
     return x
+
+  def nonzero_tokens(self, images: jax.Array) -> jax.Array:
+    """(B, prefix + sparse_patches) token indices: the prefix tokens, then the patches with
+    a non-zero value in ascending order (the reference's `find_non_zero_patches`)."""
+    b, h, w, c = images.shape
+    p = self.patch_size
+    cells = images.reshape(b, h // p, p, w // p, p, c)
+    nonzero = (cells != 0).any(axis=(2, 4, 5)).reshape(b, -1)
+    order = jnp.argsort(~nonzero, axis=1, stable=True)[:, :self.sparse_patches]
+    prefix = jnp.broadcast_to(jnp.arange(self.num_prefix_tokens), (b, self.num_prefix_tokens))
+    return jnp.concatenate([prefix, order + self.num_prefix_tokens], axis=1)
 
   def classify(self, x: jax.Array) -> jax.Array:
     x = self.norm(x)

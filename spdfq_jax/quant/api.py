@@ -28,7 +28,7 @@ def _timed(timings: dict, stage: str) -> Iterator[None]:
 
 def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
              cfg: Optional[ml_collections.ConfigDict] = None, workdir: Optional[str] = None,
-             progress: bool = True) -> qmodel.QuantizedModel:
+             progress: bool = True, sparse_patches: int = 0) -> qmodel.QuantizedModel:
   """Quantizes an FP model with calibration images (real, noise or synthetic).
 
   Runs I&S-ViT's stages as `cfg` says (default: `default_config(4, 4)`, the full stage):
@@ -41,6 +41,11 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
   qconfig.validate(cfg)
   params = jax.tree_util.tree_map(np.asarray, params)
   teacher = params
+  full = module
+  if sparse_patches:
+    if zoo.family(module) != "vit":
+      raise ValueError("sparse_patches needs a ViT/DeiT (tokens after the position embedding)")
+    module = module.clone(sparse_patches=int(sparse_patches))
   timings: dict[str, float] = {}
   with _timed(timings, "calibrate"):
     qstate = calibrate(module, params, calib_images, cfg)
@@ -63,7 +68,7 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
       params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
                                 workdir=os.path.join(workdir, "recon") if workdir else None,
                                 progress=progress, teacher=teacher)
-  qm = qmodel.build(module, params, qstate, wstate, cfg)
+  qm = qmodel.build(full, params, qstate, wstate, cfg)
   qm.info["recon"] = log
   qm.info["recon_acts"] = log_acts
   qm.timings = timings

@@ -120,6 +120,10 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.smi_prune_at = (50, 100, 200, 300)
   c.smi_prune_ratio = (0.3, 0.3, 0.3, 0.3)
   c.smi_jitter = 0.125
+  # The reference calibrates on the kept patches only (its pruned ones are zero and dropped
+  # after the position embedding); here calibration and reconstruction do so. False feeds
+  # every patch, the zero ones included (a deviation).
+  c.smi_calibrate_kept = True
   if method == "smi":  # test_quant.py's inversion settings
     c.iterations, c.rounds, c.warmup = 4000, 1, 0
     c.lr, c.b1, c.b2 = 0.25, 0.5, 0.99
@@ -150,7 +154,7 @@ RUNTIME_FIELDS = ("log_every", "remat", "microbatches")
 # Fields added after runs were cached, at the value that keeps those runs' identity.
 LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
                 "smi_prune_at": (50, 100, 200, 300), "smi_prune_ratio": (0.3, 0.3, 0.3, 0.3),
-                "smi_jitter": 0.125}
+                "smi_jitter": 0.125, "smi_calibrate_kept": True}
 
 
 def identity(cfg: ml_collections.ConfigDict) -> dict:

@@ -26,7 +26,7 @@ from spdfq_jax.synth.layout import ModelInfo, apa_block_indices, model_info
 from spdfq_jax.synth.plan import Plan, make_plan
 from spdfq_jax.synth.readout import fetch_points, finite_or_raise
 from spdfq_jax.synth.result import RESULT, SUBDIR, SynthResult, load_result, save_result
-from spdfq_jax.synth.step import empty_log, make_step
+from spdfq_jax.synth.step import check_runtime, empty_log, make_step
 
 CONFIG = "config.json"
 
@@ -35,7 +35,7 @@ def _config_json(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(synth_config.identity(cfg), sort_keys=True)
 
 
-def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
+def _check_directory_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
   path = os.path.join(directory, CONFIG)
   if os.path.exists(path):
     with open(path) as f:
@@ -47,6 +47,20 @@ def _check_config(directory: str, cfg: ml_collections.ConfigDict) -> None:
     parallel.barrier(f"synthesis config checked: {directory}")  # every process read it first
     parallel.on_primary(f"synthesis config written: {directory}", checkpoint.write_text, path,
                         _config_json(cfg))
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Every check of a synthesis config that needs neither the model nor the data, so a run
+  can refuse a bad setting before its first stage: a ValueError naming the field."""
+  if cfg.method == "smi":
+    smi.check_config(cfg)
+    return
+  if not isinstance(cfg.iterations, int) or cfg.iterations < 0:
+    raise ValueError(f"synth.iterations must be an integer >= 0, got {cfg.iterations!r}")
+  if not isinstance(cfg.rounds, int) or cfg.rounds < 1 or cfg.iterations % cfg.rounds:
+    raise ValueError(f"synth.iterations ({cfg.iterations}) must split evenly into "
+                     f"synth.rounds ({cfg.rounds}) rounds: give a multiple of {cfg.rounds}.")
+  check_runtime(cfg)
 
 
 def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
@@ -65,7 +79,7 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   if workdir is not None:
     directory = os.path.join(workdir, SUBDIR)
     os.makedirs(directory, exist_ok=True)
-    _check_config(directory, cfg)
+    _check_directory_config(directory, cfg)
     if os.path.exists(os.path.join(directory, RESULT)):
       return load_result(os.path.join(directory, RESULT))
 
