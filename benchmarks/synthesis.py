@@ -10,7 +10,7 @@
       them from the same workroot).
   python benchmarks/synthesis.py accuracy [--seeds 0,1,2] [--iterations 100] [--family vit]
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
-      32 images from each source (noise, inversion, psaq, spdfq, real), mean +- std over
+      32 images from each source (noise, inversion, psaq, spdfq, smi, real), mean +- std over
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
       `--bed scenes` the scenes test bed (48x48 RGB, asset scenes_<family>) instead;
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
@@ -151,15 +151,16 @@ def same_as_spdfq(abl) -> bool:
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
                   prior: str = "gmm", compute_dtype: str = "float32",
-                  synth_overrides: dict | None = None) -> tuple[np.ndarray, dict]:
-  """The 32 calibration images of one source and their `diagnostics` (class and prior fit;
-  empty for real images); synthetic sets are cached under workroot by a tag of (family, row,
+                  synth_overrides: dict | None = None) -> tuple[np.ndarray, dict, int]:
+  """The 32 calibration images of one source, their `diagnostics` (class and prior fit;
+  empty for real images) and the patches calibration keeps per image (SMI's unmasked ones,
+  when its config calibrates on them; 0 = all); synthetic sets are cached under workroot by a tag of (family, row,
   seed, iterations, ablation, alpha1, prior, compute dtype, overrides), so `synthesize` (e.g.
   on a GPU) and `accuracy` (here) share them. `synth_overrides` (synthesis methods only) are
   applied last."""
   data = bed_data(bed)
   if row == "real":
-    return data.calibration_images(32, seed, None, channels)[0], {}
+    return data.calibration_images(32, seed, None, channels)[0], {}, 0
   cfg = bed_config(row, family, bed, channels, seed, iterations)
   if row == "noise":  # no model evaluation: the same images for any synthesis setting
     compute_dtype, synth_overrides = "float32", {}
@@ -189,9 +190,12 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
   msg = f"class fit {100 * d['class_fit']:.0f}% of the images"
   if "region_class_fit" in d:
     msg += f", {100 * d['region_class_fit']:.0f}% of the MSR regions"
+  if "kept_class_fit" in d:
+    msg += f", {100 * d['kept_class_fit']:.0f}% on their kept patch tokens"
   print(f"  {tag}: {msg}; prior fit {d['prior_fit']:.3f} (chance {d['prior_fit_chance']:.3f}) "
         f"({time.perf_counter() - t:.1f} s)", flush=True)
-  return result.images, d
+  kept = result.kept_patches
+  return result.images, d, kept.shape[1] if kept is not None and cfg.smi_calibrate_kept else 0
 
 
 def record_accuracy(path: str, key: str, value: float) -> dict:
@@ -265,9 +269,9 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   done = json.load(open(done_path)) if os.path.exists(done_path) else {}
   for row, abl in variants(rows, ablation):
     for seed in seeds:
-      images, diag = source_images(module, params, family, row, abl, seed, iterations, workroot,
-                                   alpha1, channels, bed, prior, compute_dtype,
-                                   synth_overrides)
+      images, diag, sparse = source_images(module, params, family, row, abl, seed, iterations,
+                                           workroot, alpha1, channels, bed, prior,
+                                           compute_dtype, synth_overrides)
       if diag:
         fits.setdefault((row, abl), []).append(diag["prior_fit"])
         chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
@@ -283,7 +287,7 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
         if key not in done:
           qm = quant.quantize(module, params, images,
                               quant.default_config(w, a, preset, **(quant_overrides or {})),
-                              progress=False)
+                              progress=False, sparse_patches=sparse)
           done = record_accuracy(done_path, key,
                                  qe.top1(qm.module, qm.variables, x_test, y_test, 1000))
         acc = done[key]
@@ -360,7 +364,7 @@ def main() -> None:
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--bits", default="4,4;3,3")
   p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
-  p.add_argument("--rows", default="noise,inversion,psaq,spdfq,real")
+  p.add_argument("--rows", default="noise,inversion,psaq,spdfq,smi,real")
   p.add_argument("--ablation", nargs="?", const="all", default="",
                  help="add the APA/MSR/SL rows: all 8, or a comma list of 0/1 triples (APA MSR SL)"
                       " such as 101,011")

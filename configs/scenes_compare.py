@@ -2,10 +2,10 @@
 
   python -m spdfq_jax.main --config=configs/scenes_compare.py
 
-Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), and 32
-real training scenes as the upper reference; all through scale reparameterisation and
-block-wise reconstruction. `benchmarks/synthesis.py accuracy --bed scenes` measures
-the same comparison over seeds; README.md and BENCHMARKS.md hold its tables.
+Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), SMI
+(sparse model inversion; ViT only), and 32 real training scenes as the upper reference;
+all through scale reparameterisation and block-wise reconstruction.
+`benchmarks/synthesis.py accuracy --bed scenes` measures the same comparison over seeds; README.md and BENCHMARKS.md hold its tables.
 """
 import os
 import sys

@@ -170,7 +170,8 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
          "synth_dir": synth_dir, "export": export_path if want_export else None}
   # Data-free fit of the synthesis: class fit in percent, prior fit as a correlation.
   row.update({k: 100 * diag[k] if k.endswith("class_fit") else diag[k]
-              for k in ("class_fit", "region_class_fit", "prior_fit", "prior_fit_chance")
+              for k in ("class_fit", "region_class_fit", "kept_class_fit", "prior_fit",
+                        "prior_fit_chance")
               if k in diag})
   if jax.process_index() == 0:
     report.write_json(os.path.join(row_dir, EVAL_FILE), row)

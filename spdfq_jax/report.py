@@ -29,6 +29,7 @@ RESULT_COLUMNS = (("model", "model", "{}"), ("method", "method", "{}"),
                   ("paper_top1", "paper", "{:.2f}"),
                   ("class_fit", "class fit %", "{:.0f}"),
                   ("region_class_fit", "region class fit %", "{:.0f}"),
+                  ("kept_class_fit", "kept-token class fit %", "{:.0f}"),
                   ("prior_fit", "prior fit", "{:.3f}"), ("prior_fit_chance", "chance", "{:.3f}"))
 
 

@@ -11,8 +11,8 @@ built-in models on their own bed. Iteration counts are tiny: the point is that e
 family, method and bit setting the README promises gets through to a report and an export.
 
 The last test runs the command itself (`python -m spdfq_jax.main`) on 4 devices with an
-image count they do not divide, for PSAQ-ViT (whose KDE grid spans the batch) and SPDFQ, and
-compares its images with one device's.
+image count they do not divide, for PSAQ-ViT (whose KDE grid spans the batch), SPDFQ and SMI
+(whose kept tokens are gathered per image), and compares its images with one device's.
 """
 import math
 import os
@@ -41,6 +41,8 @@ TINY = ["--config.num_images=2", "--config.synth.iterations=2", "--config.synth.
 VIT_ARCH = "--config.model.arch=vit:num_heads=2"  # a timm ViT's qkv does not say its heads
 SWIN_ARCH = "--config.model.arch=swin:img_size=224"  # nor does a Swin say its input size
 NO_RECON = "--config.quant.recon.iters=0"
+# SMI's pruning inside 2 steps: step 0 ranks the patches, step 1 keeps the top half.
+SMI_PRUNE = ["--config.synth.smi_prune_at=(1,)", "--config.synth.smi_prune_ratio=(0.5,)"]
 
 # id: (config argument, checkpoint fixture or None for a built-in model, extra flags).
 # Together: the seven paper configs, the two Fashion-MNIST models, every method in each
@@ -50,10 +52,10 @@ CELLS = {
     # deit_base and swin_base; the colab notebook runs it on the demo config. The other cells
     # stop before it (it compiles one step per unit and stage, the largest cost of a cell).
     "vit_small": ("configs/vit_small.py:w4a4", "vit",
-                  [VIT_ARCH, "--config.methods=noise,inversion", NO_RECON]),
+                  [VIT_ARCH, "--config.methods=noise,inversion,smi", NO_RECON] + SMI_PRUNE),
     "vit_base": ("configs/vit_base.py:w6a6", "vit", [VIT_ARCH, "--config.methods=psaq,spdfq,real"]),
     "deit_tiny": ("configs/deit_tiny.py:w3a3", "deit_distilled",
-                  [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,real"]),
+                  [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,smi,real"] + SMI_PRUNE),
     "deit_small": ("configs/deit_small.py:w4a4", "deit", [VIT_ARCH]),
     "deit_base": ("configs/deit_base.py:w4a4", "deit", [VIT_ARCH, "--config.methods=noise"]),
     "swin_small": ("configs/swin_small.py:w4a4", "swin",
@@ -69,7 +71,7 @@ PAPER_TOP1 = {("vit_base", "psaq"): 76.65, ("vit_base", "spdfq"): 79.16,
               ("swin_base", "spdfq"): 76.42,
               ("deit_small", "spdfq"): 62.29, ("deit_base", "noise"): 47.20,
               ("swin_small", "noise"): 31.92, ("swin_small", "psaq"): 73.19,
-              ("vit_small", "noise"): 6.02}
+              ("vit_small", "noise"): 6.02, ("vit_small", "smi"): 24.33}
 SIZES = ((300, 200), (180, 260), (256, 256), (500, 375))
 
 
@@ -103,8 +105,10 @@ def recording_stages():
   made = {}
   quantize = stages.quantize
 
-  def keep(module, params, images, cfg, workdir=None):
-    made[os.path.dirname(workdir)] = qm = quantize(module, params, images, cfg, workdir=workdir)
+  def keep(module, params, images, cfg, workdir=None, **kw):
+    qm = quantize(module, params, images, cfg, workdir=workdir, **kw)
+    made[os.path.dirname(workdir)] = qm
+    made[os.path.dirname(workdir), "kw"] = kw
     return qm
 
   stages.quantize = keep
@@ -140,6 +144,12 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
         assert os.path.exists(os.path.join(row["synth_dir"], png)), (row["method"], png)
     # Each row shows the paper's number for its own method and bits (none for the beds).
     assert row.get("paper_top1") == PAPER_TOP1.get((cell, row["method"])), row["method"]
+    # SMI's rows calibrate on each image's kept patches only, the others on every patch.
+    kept = np.load(os.path.join(row["synth_dir"], main.SET_FILE)).get("kept_patches")
+    if row["method"] == "smi":
+      assert made[row["row_dir"], "kw"] == {"sparse_patches": kept.shape[1]}
+    else:
+      assert kept is None and made[row["row_dir"], "kw"] == {}
     # The export loads back to the model it came from.
     qm = made[row["row_dir"]]
     loaded = quant.export.load(row["export"])
@@ -154,7 +164,7 @@ def test_command_on_four_devices_pads_the_batch_and_gives_one_devices_images(tmp
   entropy spans its KDE grid over the valid images only: without the mask the images move
   by 0.37 here). One step per round: the devices' float rounding alone moves PSAQ-ViT's
   images by 1e-4 after 2 steps but by 0.1 after 4, as its sharp KDE amplifies it."""
-  argv = ["--config=configs/fmnist_w4a4.py", "--config.methods=psaq,spdfq",
+  argv = ["--config=configs/fmnist_w4a4.py", "--config.methods=psaq,spdfq,smi", *SMI_PRUNE,
           "--config.num_images=5", "--config.synth.iterations=2", "--config.synth.warmup=1",
           "--config.quant.preset=calib", "--config.quant.acts.method=minmax",
           "--config.quant.weights.method=minmax", "--config.eval.limit=8",
@@ -173,7 +183,7 @@ def test_command_on_four_devices_pads_the_batch_and_gives_one_devices_images(tmp
     return sets
 
   one, four = command(1), command(4)
-  assert sorted(one) == sorted(four) == ["psaq", "spdfq"]
+  assert sorted(one) == sorted(four) == ["psaq", "smi", "spdfq"]
   for method in one:
     assert one[method].shape[0] == 5
     np.testing.assert_allclose(four[method], one[method], atol=1e-3, err_msg=method)

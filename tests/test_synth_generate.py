@@ -170,3 +170,4 @@ def test_smi_outputs(smi_reference):
     np.testing.assert_array_equal(np.flatnonzero(nonzero[i]), r.kept_patches[i])
   np.testing.assert_array_equal(_load(workdir).kept_patches, r.kept_patches)
   assert r.classes.shape == (5,) and r.targets.max(-1).min() == 1.0  # hard labels
+  assert 0 <= r.diagnostics["kept_class_fit"] <= 1

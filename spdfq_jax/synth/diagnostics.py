@@ -35,6 +35,7 @@ def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
   prior_fit: Pearson correlation of each APA block's achieved maps (CLS rows; Swin: per
   window) with the image's priors, mean over images, per block and head, and overall;
   prior_fit_chance: the same against priors the images never saw.
+  kept_class_fit (SMI): class fit of the FP model on each image's kept patch tokens only.
   """
   images = jnp.asarray(result.images)
   blocks = result.apa_blocks
@@ -54,6 +55,12 @@ def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
          "prior_fit_per_block": [np.round(f, 4).tolist() for f in fit],
          "prior_fit_chance_per_block": [np.round(f, 4).tolist() for f in base],
          "apa_blocks": list(blocks)}
+  if result.kept_patches is not None:  # SMI: what calibration sees, the kept tokens only
+    keep = np.concatenate([np.tile(np.arange(info.prefix), (len(images), 1)),
+                           result.kept_patches + info.prefix], axis=1)
+    kpred = jax.jit(lambda p, x, k: module.apply({"params": p}, x, keep=k).argmax(-1))(
+        params, images, jnp.asarray(keep))
+    out["kept_class_fit"] = float((np.asarray(kpred) == result.classes).mean())
   if result.region_classes is not None:
     regs = regions.all_regions(images, cfg.msr_grid)
     rpred = jax.jit(lambda p, x: module.apply({"params": p}, x).argmax(-1))(
