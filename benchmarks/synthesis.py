@@ -5,6 +5,10 @@
       model forward+backward (same model evaluations, loss = sum of logits) and the loss
       overhead (taps, APA/entropy/TV/CE, MSR crop+resize, Adam, clamp) = step - bare.
       Method `spdfq_nomsr` = SPDFQ without the 4 MSR region evaluations per image.
+  python benchmarks/synthesis.py speed [--models vit_base_patch16_224] [--methods ...]
+      Seconds per image of each source's whole run at its default length (PSAQ-ViT and
+      SPDFQ 1000 steps, SMI 4000 with its pruning plan; `smi_dense` = SMI without pruning),
+      from the median step time of each kind of step, all timed round-robin.
   python benchmarks/synthesis.py synthesize [same flags as accuracy]
       Only the synthetic sets, cached under --workroot (e.g. on a GPU; `accuracy` then reads
       them from the same workroot).
@@ -102,6 +106,78 @@ def run_timing(models: list[str], methods: list[str], iters: int) -> None:
       print(f"| {name} | {shape[0]}x{shape[1]}x{shape[2]} | {method} | {t_step:.3f} | "
             f"{t_bare:.3f} | {t_step - t_bare:.3f} | {100 * (t_step - t_bare) / t_bare:.1f} |",
             flush=True)
+
+
+# ------------------------------------------------------------------------------- speed
+
+
+def _smi_variants(module, params, cfg, batch: int) -> tuple[dict, list[int]]:
+  """{('smi', tokens): (fn, args)} one jittered SMI step per phase of the plan, and the
+  plan's per-step patch-token counts."""
+  from spdfq_jax import parallel  # noqa: PLC0415
+  from spdfq_jax.synth import layout as layout_lib, smi  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  info = layout_lib.model_info(module, params, cfg)
+  plan = smi.make_plan(cfg, info)
+  mesh = parallel.data_mesh()
+  step = smi.make_step(module, cfg, info, mesh, donate=False)
+  patches = info.grid[0] ** 2
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((batch,) + info.image_shape,
+                                                           np.float32))
+  fixed = {"mask": jnp.ones(batch), "targets": jax.nn.one_hot(jnp.arange(batch), info.num_classes)}
+  row = {"shift_h": np.int32(3), "shift_w": np.int32(-5), "flip": np.bool_(True)}
+  out = {}
+  for tokens in sorted(set(plan.tokens), reverse=True):
+    keep = jnp.asarray(smi.full_keep(batch, info)[:, :info.prefix + tokens])
+    fn = (lambda tokens: lambda x, keep: step(
+        params, x, optax.scale_by_adam(cfg.b1, cfg.b2).init(x), keep, fixed, row,
+        kind=smi.JIT, remap=tokens < patches, k_next=None))(tokens)
+    out[("smi", tokens)] = (fn, (x, keep))
+  return out, list(plan.tokens)
+
+
+def run_speed(models: list[str], methods: list[str], batch: int, iters: int) -> None:
+  """Seconds per image of a whole synthesis run of each source at its own default length,
+  from the median time of one step (batch `batch`, random weights) of each kind it runs;
+  SMI's run sums its phases' step times over its pruning plan. Every step is compiled
+  first, then all are timed round-robin, so they share the machine's load."""
+  print(f"Machine: {machine()}; batch {batch}; median of {iters} round-robin timings\n")
+  print("| model | source | steps (default) | s / step | s / image, whole run | vs PSAQ-ViT |")
+  print("|---|---|---|---|---|---|")
+  for name in models:
+    module, shape = timing_model(name)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
+    variants, plans = {}, {}
+    for method in methods:
+      cfg = synth.default_config(method.replace("_dense", ""))
+      cfg.update(num_images=batch, mean=(0.5,), std=(0.5,))
+      if method == "smi_dense":
+        cfg.update(smi_prune_at=(), smi_prune_ratio=())
+      if method.startswith("smi"):
+        v, tokens = _smi_variants(module, params, cfg, batch)
+        variants.update({(method, k[1]): f for k, f in v.items()})
+        plans[method] = tokens
+      else:
+        step, args = step_util.synth_step(module, params, cfg, donate=False)
+        variants[(method, None)] = (step, args)
+        plans[method] = [None] * cfg.iterations
+    for fn, args in variants.values():  # compile + one warm run each
+      jax.block_until_ready(fn(*args))
+    times = {k: [] for k in variants}
+    for _ in range(iters):
+      for k, (fn, args) in variants.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    per_image = {m: sum(med[(m, k)] for k in plans[m]) / batch for m in methods}
+    for m in methods:
+      steps = ", ".join(f"{med[(m, k)]:.3f} ({k} patches)" if k is not None else
+                        f"{med[(m, k)]:.3f}" for k in dict.fromkeys(plans[m]))
+      ratio = per_image["psaq"] / per_image[m] if "psaq" in per_image and per_image[m] else None
+      print(f"| {name} | {m} | {len(plans[m])} | {steps} | {per_image[m]:.1f} | "
+            + (f"{ratio:.2f}x faster" if ratio and ratio >= 1 else
+               f"{1 / ratio:.2f}x slower" if ratio else "-") + " |", flush=True)
 
 
 # ---------------------------------------------------------------------------- accuracy
@@ -353,11 +429,12 @@ def parse_overrides(spec: str) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("what", choices=["timing", "synthesize", "accuracy"])
+  p.add_argument("what", choices=["timing", "speed", "synthesize", "accuracy"])
   p.add_argument("--models", default="fmnist_vit,deit_tiny_patch16_224,deit_small_patch16_224,"
                                      "vit_base_patch16_224")
   p.add_argument("--methods", default="psaq,spdfq")
   p.add_argument("--iters", type=int, default=3, help="timed iterations after compile")
+  p.add_argument("--batch", type=int, default=4, help="speed: images per timed step")
   p.add_argument("--family", default="vit")
   p.add_argument("--bed", default="fmnist", choices=sorted(BEDS),
                  help="test bed: fmnist (32x32 grey) or scenes (48x48 RGB)")
@@ -389,6 +466,8 @@ def main() -> None:
   rows = [r for r in a.rows.split(",") if r]
   if a.what == "timing":
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
+  elif a.what == "speed":
+    run_speed(a.models.split(","), a.methods.split(","), a.batch, a.iters)
   elif a.what == "synthesize":
     run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
                    a.prior, a.bed, a.compute_dtype, parse_overrides(a.synth))

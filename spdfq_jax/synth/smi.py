@@ -168,10 +168,12 @@ def sparse_forward(module, params: Any, x: jax.Array, keep: Optional[jax.Array],
   return logits, rank_scores(attns[-1], prefix)
 
 
-def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, mesh) -> Callable:
+def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, mesh,
+              donate: bool = True) -> Callable:
   """step(params, x, adam, keep, fixed, row, *, kind, remap, k_next) -> (x, adam, keep,
   terms): one Adam update of the pixels; a PRE step also returns the top `k_next`
-  patches' indices (B, prefix + k_next), else `keep` unchanged."""
+  patches' indices (B, prefix + k_next), else `keep` unchanged. With `donate` the step
+  consumes its image and Adam arguments."""
   adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
   lo, hi = pixel_range(cfg, info.image_shape[-1])
   net = step_module(module, cfg)
@@ -210,7 +212,8 @@ def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, mesh) -> 
   def compiled(kind: str, remap: bool, k_next: Optional[int]) -> Callable:
     return jax.jit(functools.partial(step, kind=kind, remap=remap, k_next=k_next),
                    in_shardings=(rep, batch, opt_sh, batch, batch, rep),
-                   out_shardings=(batch, opt_sh, batch, rep), donate_argnums=(1, 2))
+                   out_shardings=(batch, opt_sh, batch, rep),
+                   donate_argnums=(1, 2) if donate else ())
 
   return lambda *args, kind, remap, k_next: compiled(kind, remap, k_next)(*args)
 
