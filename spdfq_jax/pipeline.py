@@ -59,14 +59,14 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
   return scfg, f"{method}-{fingerprint(synth_config.identity(scfg), model_key(config))}"
 
 
-def check_synthesis(stages: Stages, module, config, pre: zoo.Preprocessing) -> None:
-  """Each synthetic row's settings, checked against the loaded model's family before the
-  first stage runs: one InputError naming the method and the field."""
+def check_synthesis(stages: Stages, module, params, config, pre: zoo.Preprocessing) -> None:
+  """Each synthetic row's settings, checked against the loaded model (family, layout)
+  before the first stage runs: one InputError naming the method and the field."""
   from spdfq_jax import synth  # pylint: disable=g-import-not-at-top
   for method in dict.fromkeys(m for m, _, _ in rows_of(config) if m != REAL):
     try:
       scfg, _ = synth_plan(stages, module, method, config, pre)
-      synth.check_config(scfg)
+      synth.check_config(scfg, synth.model_info(module, params, scfg))
     except ValueError as e:
       raise InputError(f"methods={config.methods!r}, row {method}: {e}") from e
 
@@ -204,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Stages
   with timed(timings, "load"):
     module, params = load_model(stages, config)
   pre = preprocessing_of(config, module, params)
-  check_synthesis(stages, module, config, pre)
+  check_synthesis(stages, module, params, config, pre)
   data = Data(config, pre, zoo.in_channels(module, params))
   data.check(module, need_train=REAL in [m for m, _, _ in rows_of(config)])
   write_config(workdir, config)  # only now: a run refused above leaves the workdir as it was

@@ -216,6 +216,21 @@ def test_counts_and_methods(tmp_path, field, value, match):
   _refused(tmp_path, match, **{field: value})
 
 
+@needs_fmnist
+@pytest.mark.parametrize("fields,match", [
+    ({"synth.iterations": 3},
+     r"row spdfq: synth.iterations \(3\) must split evenly into synth.rounds \(2\)"),
+    ({"methods": "psaq,smi", "model.name": "fmnist_swin"}, r"row smi: method smi needs a ViT"),
+    ({"methods": "smi", "synth.smi_prune_ratio": (0.9, 0.9, 0.9, 0.9)},
+     r"prunes every patch of the 8 x 8 grid"),
+    ({"methods": "smi", "synth.smi_prune_at": (3, 4, 10, 20)}, r"at least 2 apart"),
+])
+def test_synthesis_settings_refused_before_any_stage(tmp_path, fields, match):
+  """Found from the config and the model's layout alone, before the FP evaluation."""
+  _refused(tmp_path, match, **fields)
+  assert not any(p.name.startswith("fp_eval") for p in (tmp_path / "work").glob("*"))
+
+
 @pytest.mark.skipif(not FMNIST, reason="needs the Fashion-MNIST IDX files")
 def test_num_images_not_a_multiple_of_the_devices(tmp_path):
   """3 images on 2 devices: padded for the sharded synthesis step, never dropped."""

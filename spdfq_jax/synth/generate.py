@@ -49,11 +49,15 @@ def _check_directory_config(directory: str, cfg: ml_collections.ConfigDict) -> N
                         _config_json(cfg))
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Every check of a synthesis config that needs neither the model nor the data, so a run
-  can refuse a bad setting before its first stage: a ValueError naming the field."""
+def check_config(cfg: ml_collections.ConfigDict, info: Optional[ModelInfo] = None) -> None:
+  """Every check of a synthesis config that needs no data (with the model's `info`, also
+  those that need its layout), so a run can refuse a bad setting before its first stage:
+  a ValueError naming the field."""
   if cfg.method == "smi":
-    smi.check_config(cfg)
+    if info is None:
+      smi.check_config(cfg)
+    else:
+      smi.make_plan(cfg, info)
     return
   if not isinstance(cfg.iterations, int) or cfg.iterations < 0:
     raise ValueError(f"synth.iterations must be an integer >= 0, got {cfg.iterations!r}")

@@ -49,7 +49,7 @@ from spdfq_jax.synth.layout import ModelInfo, pixel_range
 from spdfq_jax.synth.readout import fetch_points, finite_or_raise
 from spdfq_jax.synth.step import step_module
 
-# Stream id of SMI's per-step draws (offsets, flips); see the list in objective.py.
+# Stream id of SMI's per-step draws (roll offsets, flips); the list is in objective.py.
 _SMI_PLAN = 6
 
 JIT, PRE, PRUNE = "jitter", "rank", "prune"  # the kinds of step
@@ -119,14 +119,17 @@ def make_plan(cfg: ml_collections.ConfigDict, info: ModelInfo) -> SmiPlan:
     if t + 1 in ratio_of:
       k = int(k * (1.0 - ratio_of[t + 1]))
     after.append(k)
+  keep = final_keep(patches, cfg.smi_prune_ratio)
+  if min(after, default=patches) < 1 or keep < 1:
+    raise ValueError(f"synth.smi_prune_ratio {tuple(cfg.smi_prune_ratio)} prunes every patch "
+                     f"of the {info.grid[0]} x {info.grid[0]} grid; lower the ratios.")
   size = info.image_shape[0]
   lim = int(size * cfg.smi_jitter)
   g = np.random.default_rng([cfg.seed, _SMI_PLAN])
   shift_h = g.integers(-lim, lim + 1, total).astype(np.int32)
   shift_w = g.integers(-lim, lim + 1, total).astype(np.int32)
   flip = (g.random(total) < 0.5) & bool(cfg.flip)
-  return SmiPlan(tuple(kinds), tuple(tokens), tuple(after), shift_h, shift_w, flip,
-                 final_keep(patches, cfg.smi_prune_ratio))
+  return SmiPlan(tuple(kinds), tuple(tokens), tuple(after), shift_h, shift_w, flip, keep)
 
 
 def cell_shift(offset: jax.Array, patch: int) -> jax.Array:
