@@ -172,12 +172,23 @@ def paper_tables(rows: Sequence[Mapping[str, Any]],
   return {bits: _setting_table(rs, paper_fp or {}) for bits, rs in by_bits.items()}
 
 
+DATASET_LABELS = {"imagenet": "ImageNet", "fashion_mnist": "Fashion-MNIST",
+                  "scenes": "the scenes test bed"}
+
+
+def dataset_of(report: Mapping[str, Any]) -> str:
+  """What a run evaluated on, as a heading says it."""
+  name = ((report.get("config") or {}).get("data") or {}).get("name", "imagenet")
+  return DATASET_LABELS.get(name, name)
+
+
 def paper_markdown(rows: Sequence[Mapping[str, Any]],
-                   paper_fp: Optional[Mapping[str, float]] = None) -> str:
+                   paper_fp: Optional[Mapping[str, float]] = None,
+                   evaluated_on: str = "ImageNet") -> str:
   """paper_table.md: the tables of `paper_tables` under a heading per bit setting."""
-  parts = ["# ImageNet top-1 (%) in the paper's layout", "",
-           "Each cell: this run's top-1, with the paper's (arXiv 2412.16553) beside it "
-           "where it reports one; '-' where not run.", ""]
+  parts = [f"# Top-1 (%) on {evaluated_on}, in the paper's layout", "",
+           "Each cell: this run's top-1, with the paper's ImageNet figure (arXiv 2412.16553) "
+           "beside it where it reports one; '-' where not run.", ""]
   for bits, t in paper_tables(rows, paper_fp).items():
     parts += [f"## {bits}", "", t, ""]
   return "\n".join(parts)
@@ -196,7 +207,8 @@ def write(workdir: str, report: Mapping[str, Any]) -> tuple[str, str]:
                         + "\n")
   checkpoint.write_text(md_path, markdown(report))
   checkpoint.write_text(os.path.join(workdir, PAPER_TABLE_FILE),
-                        paper_markdown(report["rows"], paper_fp_of(report)))
+                        paper_markdown(report["rows"], paper_fp_of(report),
+                                       dataset_of(report)))
   return json_path, md_path
 
 

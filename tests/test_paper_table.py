@@ -74,6 +74,15 @@ def test_write_puts_paper_table_beside_report_md(tmp_path):
   report.write(str(tmp_path), dict(title="t", rows=rows, config={"paper": {"fp": 81.39}}))
   md = (tmp_path / report.PAPER_TABLE_FILE).read_text()
   assert f"| {VITS} | 81.20 (paper 81.39) | 50.00 (paper 50.32) |" in md.splitlines()
+  assert md.startswith("# Top-1 (%) on ImageNet, in the paper's layout")
+
+
+def test_heading_names_the_test_bed_a_run_evaluated_on(tmp_path):
+  rows = [_row("fmnist_vit", "smi", 84.3)]
+  report.write(str(tmp_path), dict(title="t", rows=rows,
+                                   config={"data": {"name": "fashion_mnist"}}))
+  md = (tmp_path / report.PAPER_TABLE_FILE).read_text()
+  assert md.startswith("# Top-1 (%) on Fashion-MNIST, in the paper's layout")
 
 
 def test_merge_tool_gives_both_model_lines(tmp_path, capsys):

@@ -17,26 +17,28 @@ from typing import Any, Optional, Sequence
 from spdfq_jax import checkpoint, report
 
 
-def load(workdir: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-  """One workdir's report rows and its models' paper FP figures; a workdir without a
-  report is a one-line error, not a traceback."""
+def load(workdir: str) -> tuple[list[dict[str, Any]], dict[str, float], str]:
+  """One workdir's report rows, its models' paper FP figures and what it evaluated on; a
+  workdir without a report is a one-line error, not a traceback."""
   path = os.path.join(workdir, "report.json")
   data = report.read_json(path)
   if data is None:
     raise SystemExit(f"error: {path} does not exist; run `python -m spdfq_jax.main "
                      f"--workdir={workdir}` first.")
-  return list(data.get("rows", [])), report.paper_fp_of(data)
+  return list(data.get("rows", [])), report.paper_fp_of(data), report.dataset_of(data)
 
 
 def merge(workdirs: Sequence[str]) -> str:
   """paper_table.md's text over every workdir's rows, in the order given."""
   rows: list[dict[str, Any]] = []
   paper_fp: dict[str, float] = {}
+  datasets: list[str] = []
   for workdir in workdirs:
-    more_rows, more_fp = load(workdir)
+    more_rows, more_fp, dataset = load(workdir)
     rows += more_rows
     paper_fp.update(more_fp)
-  return report.paper_markdown(rows, paper_fp)
+    datasets.append(dataset)
+  return report.paper_markdown(rows, paper_fp, " and ".join(dict.fromkeys(datasets)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
