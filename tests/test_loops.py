@@ -210,6 +210,19 @@ def test_runtime_fields_are_not_part_of_the_identity():
   assert synth_config.identity(other) != synth_config.identity(base)
 
 
+def test_smi_fields_are_part_of_smis_identity_only():
+  """A config block shared by every row (configs/fmnist_w4a4.py sets smi_jitter=0) keeps
+  the other methods' identities, and with them their cached images."""
+  from spdfq_jax.synth import config as synth_config
+  for method in ("psaq", "spdfq"):
+    base = synth_child.tiny_config(method)
+    assert synth_config.identity(synth_child.tiny_config(method, smi_jitter=0.0)) == \
+        synth_config.identity(base)
+  smi = synth_child.tiny_config("smi")
+  assert synth_config.identity(synth_child.tiny_config("smi", smi_jitter=0.0)) != \
+      synth_config.identity(smi)
+
+
 @pytest.fixture(scope="module")
 def recon_inputs():
   module = zoo.custom_vit(img_size=16, patch_size=8, width=16, depth=2, num_heads=2,

@@ -158,7 +158,9 @@ LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
 
 
 def identity(cfg: ml_collections.ConfigDict) -> dict:
-  """The fields that decide the images: the config without `RUNTIME_FIELDS`, and without
-  the `LATER_FIELDS` left at their defaults (the identity a run had before they existed)."""
+  """The fields that decide the images: the config without `RUNTIME_FIELDS`, without the
+  `LATER_FIELDS` left at their defaults (the identity a run had before they existed), and
+  without SMI's fields for the other methods (which never read them)."""
   return {k: v for k, v in cfg.to_dict().items()
-          if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+          if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+          and (cfg.method == "smi" or not k.startswith("smi_"))}
