@@ -24,7 +24,7 @@ from spdfq_jax.synth.diagnostics import diagnostics
 from spdfq_jax.synth.draws import draw_labels, draw_priors, initial_images
 from spdfq_jax.synth.layout import ModelInfo, apa_block_indices, model_info
 from spdfq_jax.synth.plan import Plan, make_plan
-from spdfq_jax.synth.readout import fetch_points, finite_or_raise
+from spdfq_jax.synth.readout import fetch_points, finite_or_raise, report_block
 from spdfq_jax.synth.result import RESULT, SUBDIR, SynthResult, load_result, save_result
 from spdfq_jax.synth.step import check_runtime, empty_log, make_step
 
@@ -188,12 +188,7 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       got = jax.device_get(log)
       finite_or_raise(first, {k: v[rows] for k, v in got["terms"].items()})
       values = {k: v[rows] for k, v in {**got["terms"], **got["stats"]}.items()}
-      if bar is not None:
-        bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in values.items()}, refresh=False)
-        bar.update(end - first)
-      if callback is not None:
-        for i in range(end - first):
-          callback(first + i, {k: float(v[i]) for k, v in values.items()})
+      report_block(first, end, values, bar, callback)
       stop = stop or (interrupt.requested() and end < total)  # also one that came meanwhile
       if mgr is not None and (end % cfg.checkpoint_every == 0 or stop) and end < total:
         checkpoint.save(mgr, end, {  # global arrays: every process writes its own rows

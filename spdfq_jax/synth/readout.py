@@ -1,7 +1,8 @@
-"""When a synthesis loop reads the device, and what it checks there."""
+"""When a synthesis loop reads the device, what it checks there, and how it reports."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -25,3 +26,15 @@ def fetch_points(start: int, total: int, every: int, checkpoint_every: int
   ends = sorted({e for e in range(start + 1, total + 1)
                  if e % every == 0 or e % checkpoint_every == 0 or e == total})
   return list(zip([start] + ends[:-1], ends))
+
+
+def report_block(first: int, end: int, values: dict[str, np.ndarray], bar: Any,
+                 callback: Optional[Callable[[int, dict[str, float]], None]]) -> None:
+  """Shows the last of a block's values (rows = steps first..end - 1) on the progress bar
+  and hands each step's values to `callback`, in order."""
+  if bar is not None:
+    bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in values.items()}, refresh=False)
+    bar.update(end - first)
+  if callback is not None:
+    for i in range(end - first):
+      callback(first + i, {k: float(v[i]) for k, v in values.items()})

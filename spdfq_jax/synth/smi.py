@@ -46,7 +46,7 @@ from spdfq_jax.models import taps
 from spdfq_jax.synth import losses
 from spdfq_jax.synth.config import SMI_SWIN_REFUSAL
 from spdfq_jax.synth.layout import ModelInfo, pixel_range
-from spdfq_jax.synth.readout import fetch_points, finite_or_raise
+from spdfq_jax.synth.readout import fetch_points, finite_or_raise, report_block
 from spdfq_jax.synth.step import step_module
 
 # Stream id of SMI's per-step draws (roll offsets, flips); the list is in objective.py.
@@ -289,12 +289,7 @@ def invert(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
       got = jax.device_get(pending)
       values = {k: np.asarray([g[k] for g in got]) for k in got[0]}
       finite_or_raise(first, values)
-      if bar is not None:
-        bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in values.items()}, refresh=False)
-        bar.update(end - first)
-      if callback is not None:
-        for i in range(end - first):
-          callback(first + i, {k: float(v[i]) for k, v in values.items()})
+      report_block(first, end, values, bar, callback)
       stop = stop or (interrupt.requested() and end < total)
       if mgr is not None and (end % cfg.checkpoint_every == 0 or stop) and end < total:
         kept = np.full((n, width), -1, np.int32)
