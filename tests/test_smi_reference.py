@@ -165,3 +165,21 @@ def test_bad_prune_schedule_names_the_field(at, ratio, match):
   cfg.smi_prune_at, cfg.smi_prune_ratio = at, ratio
   with pytest.raises(ValueError, match=match):
     smi.check_config(cfg)
+
+
+def test_sparse_calibration_keeps_the_reference_calibration_tokens(case):
+  """`VisionTransformer(sparse_patches=K)`, as quantize(..., sparse_patches=K) runs it on
+  the calibration images: the class token, then the reference's `find_non_zero_patches`,
+  and the same logits as the forward given those tokens."""
+  module, params, _, _, _, ref = case
+  k = ref["calib_index"].shape[1]
+  sparse = module.clone(sparse_patches=k)
+  images = jnp.asarray(ref["calib"])
+  got = np.asarray(sparse.apply({"params": params}, images, method=sparse.nonzero_tokens))
+  want = np.concatenate([np.zeros((len(images), 1), np.int64), ref["calib_index"]], axis=1)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(
+      np.asarray(sparse.apply({"params": params}, images)),
+      np.asarray(module.apply({"params": params}, images, keep=jnp.asarray(want))), rtol=1e-6)
+  full = np.asarray(module.apply({"params": params}, images))
+  assert np.abs(full - np.asarray(sparse.apply({"params": params}, images))).max() > 1e-3
