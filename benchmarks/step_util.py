@@ -34,6 +34,11 @@ def timing_model(name: str):
   return zoo.build(name), (224, 224, 3)
 
 
+def random_params(module, shape: tuple[int, int, int]) -> Any:
+  """Random-initialised parameters of `module` for images of `shape` (timing runs)."""
+  return jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))["params"]
+
+
 def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool = True
                ) -> tuple[Callable, tuple]:
   """(jitted step, its arguments at step 5) on one device, random labels and priors.

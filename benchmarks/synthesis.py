@@ -100,7 +100,7 @@ def run_timing(models: list[str], methods: list[str], iters: int) -> None:
   print("|---|---|---|---|---|---|---|")
   for name in models:
     module, shape = timing_model(name)
-    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
+    params = step_util.random_params(module, shape)
     for method in methods:
       t_step, t_bare = time_method(module, params, shape, method, iters)
       print(f"| {name} | {shape[0]}x{shape[1]}x{shape[2]} | {method} | {t_step:.3f} | "
@@ -146,7 +146,7 @@ def run_speed(models: list[str], methods: list[str], batch: int, iters: int) -> 
   print("|---|---|---|---|---|---|")
   for name in models:
     module, shape = timing_model(name)
-    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
+    params = step_util.random_params(module, shape)
     variants, plans = {}, {}
     for method in methods:
       cfg = synth.default_config(method.replace("_dense", ""))
