@@ -66,11 +66,11 @@ def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool
   step = step_lib.make_step(module, cfg, info, blocks, mesh)
   if not donate:
     step = jax.jit(step.__wrapped__)
-  return step, (params, x, state, fixed, table, jax.device_put(np.int32(5), rep), log)
+  return step, (params, x, state, fixed, table, jax.device_put(np.int32(5), rep), log, None)
 
 
 def advance(args: tuple, out: tuple) -> tuple:
-  """The next step's arguments from a step's outputs (x, adam, t, log)."""
-  params, _, _, fixed, table, _, _ = args
-  x, state, t, log = out
-  return params, x, state, fixed, table, t, log
+  """The next step's arguments from a step's outputs (x, adam, t, log, student)."""
+  params, _, _, fixed, table, _, _, _ = args
+  x, state, t, log, student = out
+  return params, x, state, fixed, table, t, log, student

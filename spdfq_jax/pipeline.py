@@ -45,9 +45,12 @@ def timed(timings: dict, stage: str) -> Iterator[None]:
   logging.info("[%s] done in %.1f s", stage, timings[stage])
 
 
-def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessing
+def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessing,
+               bits: Optional[tuple[int, int]] = None
                ) -> tuple[Optional[ml_collections.ConfigDict], str]:
-  """(synthesis config or None for real images, its directory under workdir/synthetic)."""
+  """(synthesis config or None for real images, its directory under workdir/synthetic).
+
+  PSAQ-ViT V2's images depend on the row's `bits` (its student is quantized with them)."""
   if method == REAL:
     return None, f"{REAL}-{fingerprint(REAL, config.num_images, config.seed, data_key(config))}"
   from spdfq_jax.synth import config as synth_config  # pylint: disable=g-import-not-at-top
@@ -56,6 +59,10 @@ def synth_plan(stages: Stages, module, method: str, config, pre: zoo.Preprocessi
     assign(scfg, k, v)
   scfg.num_images, scfg.seed = config.num_images, config.seed
   scfg.mean, scfg.std = tuple(pre.mean), tuple(pre.std)
+  if method == "psaq_v2":
+    if bits is None:
+      raise ValueError("method psaq_v2 needs the row's bits (its student's)")
+    scfg.v2_w_bits, scfg.v2_a_bits = bits
   return scfg, f"{method}-{fingerprint(synth_config.identity(scfg), model_key(config))}"
 
 
@@ -63,9 +70,9 @@ def check_synthesis(stages: Stages, module, params, config, pre: zoo.Preprocessi
   """Each synthetic row's settings, checked against the loaded model (family, layout)
   before the first stage runs: one InputError naming the method and the field."""
   from spdfq_jax import synth  # pylint: disable=g-import-not-at-top
-  for method in dict.fromkeys(m for m, _, _ in rows_of(config) if m != REAL):
+  for method, w, a in dict.fromkeys(r for r in rows_of(config) if r[0] != REAL):
     try:
-      scfg, _ = synth_plan(stages, module, method, config, pre)
+      scfg, _ = synth_plan(stages, module, method, config, pre, (w, a))
       synth.check_config(scfg, synth.model_info(module, params, scfg))
     except ValueError as e:
       raise InputError(f"methods={config.methods!r}, row {method}: {e}") from e
@@ -85,7 +92,12 @@ def calibration_set(stages: Stages, module, params, scfg: Optional[ml_collection
     # resume); once it has finished, its files move up, so that a finished set lies in
     # synthetic/<method>-<hash>/ like the real one. A workdir from before this layout
     # (a finished or interrupted set in .../<method>-<hash>/synthetic/) resumes the same way.
-    result = stages.generate(module, params, scfg, workdir=directory)
+    student = {}
+    if scfg.method == "psaq_v2":  # its quantized student, at the row's bits
+      from spdfq_jax.quant import student as quant_student  # pylint: disable=g-import-not-at-top
+      student["student"] = quant_student.student(module, params, scfg.v2_w_bits,
+                                                 scfg.v2_a_bits)
+    result = stages.generate(module, params, scfg, workdir=directory, **student)
     flatten_synth_dir(directory)
     return (np.asarray(result.images), dict(getattr(result, "diagnostics", None) or {}),
             getattr(result, "kept_patches", None))
@@ -122,7 +134,7 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   finished run re-reports the same table.
   """
   qcfg = quant_config(stages, config, w_bits, a_bits)
-  scfg, synth_name = synth_plan(stages, module, method, config, pre)
+  scfg, synth_name = synth_plan(stages, module, method, config, pre, (w_bits, a_bits))
   synth_dir = os.path.join(workdir, "synthetic", synth_name)
   from spdfq_jax.quant import config as quant_settings  # pylint: disable=g-import-not-at-top
   key = fingerprint(synth_name, quant_settings.identity(qcfg), model_key(config),

@@ -37,9 +37,9 @@ def _load(workdir):
 def _generate(overrides: dict, workdir: str):
   module = synth_child.tiny_vit()
   o = dict(overrides)
-  return synth.generate(module, synth_child.tiny_params(module),
-                        synth_child.tiny_config(o.pop("method", "spdfq"), **o),
-                        workdir=workdir, progress=False)
+  return synth_child.generate(module, synth_child.tiny_params(module),
+                              synth_child.tiny_config(o.pop("method", "spdfq"), **o),
+                              workdir=workdir, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,16 @@ def smi_reference(tmp_path_factory):
   return workdir, _generate(synth_child.SMI, workdir)
 
 
+@pytest.fixture(scope="module")
+def v2_reference(tmp_path_factory):
+  """The same for PSAQ-ViT V2 (its student's weights and Adam state are checkpointed too)."""
+  workdir = str(tmp_path_factory.mktemp("v2_ref"))
+  return workdir, _generate(synth_child.PSAQ_V2, workdir)
+
+
 # Each method's reference run and its child overrides (JSON).
-METHODS = {"spdfq": ("reference", {}), "smi": ("smi_reference", synth_child.SMI)}
+METHODS = {"spdfq": ("reference", {}), "smi": ("smi_reference", synth_child.SMI),
+           "psaq_v2": ("v2_reference", synth_child.PSAQ_V2)}
 
 
 def test_outputs(reference):

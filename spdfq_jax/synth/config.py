@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("noise", "inversion", "psaq", "spdfq", "smi")
+METHODS = ("noise", "inversion", "psaq", "spdfq", "smi", "psaq_v2")
+# PSAQ-ViT V2 has no published code: it is built from its paper (docs/synthesis.md lists
+# every choice the paper leaves open), and says so wherever it is listed.
+PSAQ_V2_LABEL = "PSAQ-ViT V2 (from the paper; no reference code)"
 SMI_SWIN_REFUSAL = (
     "method smi needs a ViT or DeiT: SMI ranks and drops patch tokens by the class token's "
     "attention after the position embedding, Swin has no class token and its shifted windows "
@@ -18,8 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections.ConfigDict:
-  """Defaults for `method` (noise | inversion | psaq | spdfq | smi) on a `family` (vit | swin)
-  model.
+  """Defaults for `method` (noise | inversion | psaq | spdfq | smi | psaq_v2) on a `family`
+  (vit | swin) model.
 
   The method only sets which loss terms are on; every term stays a field, so an ablation is
   a config edit (e.g. `cfg.msr = False`).
@@ -71,8 +74,11 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   # by sqrt(values in the batch / 32 x 224 x 224 x 3), for other batch or image sizes.
   c.tv_target_scaled = False
 
-  # PSAQ-ViT patch-similarity entropy.
-  c.entropy = method == "psaq"
+  # CE to the drawn class (every method but PSAQ-ViT V2, which drops the class guidance).
+  c.class_guidance = method != "psaq_v2"
+
+  # PSAQ-ViT patch-similarity entropy (V1 and V2).
+  c.entropy = method in ("psaq", "psaq_v2")
   c.entropy_weight = 1.0
   c.entropy_bandwidth = 0.01
   c.entropy_points = 10
@@ -129,6 +135,17 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
     c.lr, c.b1, c.b2 = 0.25, 0.5, 0.99
     c.tv_weight, c.tv_mode = 1e-4, "min"  # tv2: L2 TV of the image before the jitter
 
+  # PSAQ-ViT V2 (method 'psaq_v2', synth/psaq_v2.py; from the paper, every value open): the
+  # images and a quantized student take turns under the FP teacher. Each step the images
+  # also maximise v2_adversarial_weight x KL(teacher || student) on the jittered batch, then
+  # the student's latent weights take one Adam step (v2_student_lr) minimising that KL on
+  # the updated images. The student is quantized at W{v2_w_bits}A{v2_a_bits}: the pipeline
+  # sets the row's bits (0 = unset, refused).
+  c.v2_w_bits = 0
+  c.v2_a_bits = 0
+  c.v2_adversarial_weight = 1.0
+  c.v2_student_lr = 1e-5
+
   c.checkpoint_every = 100
 
   # How the loop runs (not what it computes, so not part of a run's identity; see
@@ -154,13 +171,18 @@ RUNTIME_FIELDS = ("log_every", "remat", "microbatches")
 # Fields added after runs were cached, at the value that keeps those runs' identity.
 LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
                 "smi_prune_at": (50, 100, 200, 300), "smi_prune_ratio": (0.3, 0.3, 0.3, 0.3),
-                "smi_jitter": 0.125, "smi_calibrate_kept": True}
+                "smi_jitter": 0.125, "smi_calibrate_kept": True, "class_guidance": True}
+
+# Fields that only one method reads: they count in that method's identity only.
+METHOD_PREFIXES = {"smi": "smi_", "psaq_v2": "v2_"}
 
 
 def identity(cfg: ml_collections.ConfigDict) -> dict:
   """The fields that decide the images: the config without `RUNTIME_FIELDS`, without the
   `LATER_FIELDS` left at their defaults (the identity a run had before they existed), and
-  without SMI's fields for the other methods (which never read them)."""
+  without one method's own fields (`METHOD_PREFIXES`) for the other methods, which never
+  read them."""
+  foreign = tuple(p for m, p in METHOD_PREFIXES.items() if m != cfg.method)
   return {k: v for k, v in cfg.to_dict().items()
           if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-          and (cfg.method == "smi" or not k.startswith("smi_"))}
+          and not k.startswith(foreign)}

@@ -31,7 +31,8 @@ def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
                 result: SynthResult) -> dict:
   """Data-free measures of how well the objective was met, on the final images.
 
-  class_fit: share of images (and of MSR regions) the FP model assigns to their target.
+  class_fit: share of images (and of MSR regions) the FP model assigns to their target
+  (methods with class guidance).
   prior_fit: Pearson correlation of each APA block's achieved maps (CLS rows; Swin: per
   window) with the image's priors, mean over images, per block and head, and overall;
   prior_fit_chance: the same against priors the images never saw.
@@ -50,11 +51,12 @@ def diagnostics(module, params: Any, cfg: ml_collections.ConfigDict, info: Model
   pred, fit, base = jax.device_get(run(params, images, result.priors,
                                        chance_priors(cfg, info, blocks, result.priors)))
   overall = lambda per_block: float(np.mean([f.mean() for f in per_block]))
-  out = {"class_fit": float((pred == result.classes).mean()),
-         "prior_fit": overall(fit), "prior_fit_chance": overall(base),
+  out = {"prior_fit": overall(fit), "prior_fit_chance": overall(base),
          "prior_fit_per_block": [np.round(f, 4).tolist() for f in fit],
          "prior_fit_chance_per_block": [np.round(f, 4).tolist() for f in base],
          "apa_blocks": list(blocks)}
+  if cfg.class_guidance:  # without it (PSAQ-ViT V2) the drawn classes were never asked for
+    out["class_fit"] = float((pred == result.classes).mean())
   if result.kept_patches is not None:  # SMI: what calibration sees, the kept tokens only
     keep = np.concatenate([np.tile(np.arange(info.prefix), (len(images), 1)),
                            result.kept_patches + info.prefix], axis=1)

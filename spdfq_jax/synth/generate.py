@@ -19,7 +19,7 @@ import optax
 
 from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.synth import config as synth_config
-from spdfq_jax.synth import smi
+from spdfq_jax.synth import psaq_v2, smi
 from spdfq_jax.synth.diagnostics import diagnostics
 from spdfq_jax.synth.draws import draw_labels, draw_priors, initial_images
 from spdfq_jax.synth.layout import ModelInfo, apa_block_indices, model_info
@@ -59,6 +59,8 @@ def check_config(cfg: ml_collections.ConfigDict, info: Optional[ModelInfo] = Non
     else:
       smi.make_plan(cfg, info)
     return
+  if cfg.method == "psaq_v2":
+    psaq_v2.check_config(cfg)
   if not isinstance(cfg.iterations, int) or cfg.iterations < 0:
     raise ValueError(f"synth.iterations must be an integer >= 0, got {cfg.iterations!r}")
   if not isinstance(cfg.rounds, int) or cfg.rounds < 1 or cfg.iterations % cfg.rounds:
@@ -70,7 +72,8 @@ def check_config(cfg: ml_collections.ConfigDict, info: Optional[ModelInfo] = Non
 def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
              workdir: Optional[str] = None, progress: bool = True,
              real_images: Optional[np.ndarray] = None,
-             callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> SynthResult:
+             callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+             student: Optional[psaq_v2.StudentModel] = None) -> SynthResult:
   """Synthesises `cfg.num_images` calibration images against the FP model.
 
   With a workdir the run saves Orbax checkpoints every `cfg.checkpoint_every` steps into
@@ -78,6 +81,8 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   grid.png and attention.png there; a finished run is loaded instead of recomputed.
   `real_images` feed `cfg.prior='real'`; `callback(step, terms)` runs once per step, in
   order, when the loop reads the device (every `cfg.log_every` steps and at checkpoints).
+  `student` is PSAQ-ViT V2's quantized student (method psaq_v2 only; the caller builds it,
+  e.g. `quant.student.student(module, params, w_bits, a_bits)`).
   """
   directory = None
   if workdir is not None:
@@ -106,8 +111,12 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
   elif cfg.method != "noise":
     fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
              "priors": pri if cfg.apa else []}
+    if cfg.method == "psaq_v2":
+      check_config(cfg)
+      student = psaq_v2.require(student)
     result.images = optimise(module, params, cfg, info, blocks, x0, fixed, make_plan(cfg, info),
-                             directory=directory, progress=progress, callback=callback)
+                             directory=directory, progress=progress, callback=callback,
+                             student=student if cfg.method == "psaq_v2" else None)
   result.diagnostics = diagnostics(module, params, cfg, info, result)
   if directory is not None:
     parallel.on_primary(f"synthesis saved: {directory}", _save_files, directory, module, params,
@@ -125,14 +134,16 @@ def _save_files(directory: str, module, params: Any, result: SynthResult,
 def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInfo,
              blocks: tuple[int, ...], x0: np.ndarray, fixed: dict, plan: Plan, *,
              directory: Optional[str] = None, progress: bool = True,
-             callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> np.ndarray:
+             callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+             student: Optional[psaq_v2.StudentModel] = None) -> np.ndarray:
   """Runs `plan` from `x0` with ONE Adam optimiser for all rounds (PSAQ-ViT: only the lr
   schedule restarts with a round); returns the final images.
 
   `fixed` holds per-image `targets`, `region_targets` and `priors` (the APA blocks').
   With a `directory`, checkpoints there every `cfg.checkpoint_every` steps and resumes
   from the newest one; on SIGTERM (`interrupt`) it checkpoints after the current step and
-  raises `interrupt.Stopped`.
+  raises `interrupt.Stopped`. With a `student` (PSAQ-ViT V2) each step is followed by the
+  student's; its state is checkpointed with the images.
   """
   n = x0.shape[0]
   mesh = parallel.data_mesh()
@@ -146,8 +157,11 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
   rep = parallel.replicated(mesh)
   params = jax.device_put(params, rep)
   table = jax.device_put(plan.table(), rep)
-  step_fn = make_step(module, cfg, info, blocks, mesh)
-  log = jax.device_put(empty_log(module, params, pad(x0), fixed, table, cfg, info, blocks), rep)
+  apply = student.apply if student is not None else None
+  step_fn = make_step(module, cfg, info, blocks, mesh, apply)
+  s0 = psaq_v2.initial_state(student, cfg, x0) if student is not None else None
+  log = jax.device_put(empty_log(module, params, pad(x0), fixed, table, cfg, info, blocks,
+                                 apply, s0), rep)
   total = len(plan.lr)
 
   def to_device(x, mu, nu, count):
@@ -159,16 +173,22 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
 
   mgr, start = None, 0
   x, opt_state = to_device(x0, np.zeros_like(x0), np.zeros_like(x0), 0)
+  sstate = s0
   if directory is not None:
     mgr = checkpoint.manager(os.path.join(directory, "checkpoints"))
     like = {"images": x0, "mu": x0, "nu": x0, "count": np.zeros((), np.int32),
             "step": np.zeros((), np.int32)}
+    if s0 is not None:
+      like["student"] = psaq_v2.flat(jax.tree_util.tree_map(np.asarray, s0))
     restored = checkpoint.restore_latest(mgr, like)
     if restored is not None:
       _, s = restored
       start = int(s["step"])
       x, opt_state = to_device(s["images"], s["mu"], s["nu"], int(s["count"]))
+      if s0 is not None:
+        sstate = psaq_v2.unflat(s0, s["student"])
   t = jax.device_put(np.int32(start), rep)
+  sstate = jax.device_put(sstate, rep)
 
   bar = None
   if progress:
@@ -179,7 +199,8 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
     for first, end in fetch_points(start, total, cfg.log_every, saves):
       stop = False
       for s in range(first, end):
-        x, opt_state, t, log = step_fn(params, x, opt_state, fixed, table, t, log)
+        x, opt_state, t, log, sstate = step_fn(params, x, opt_state, fixed, table, t, log,
+                                               sstate)
         if interrupt.requested() and s + 1 < total:  # SIGTERM: save after this step, stop
           end, stop = s + 1, True
           break
@@ -191,9 +212,12 @@ def optimise(module, params: Any, cfg: ml_collections.ConfigDict, info: ModelInf
       report_block(first, end, values, bar, callback)
       stop = stop or (interrupt.requested() and end < total)  # also one that came meanwhile
       if mgr is not None and (end % cfg.checkpoint_every == 0 or stop) and end < total:
-        checkpoint.save(mgr, end, {  # global arrays: every process writes its own rows
+        state = {  # global arrays: every process writes its own rows
             "images": x[:n], "mu": opt_state.mu[:n], "nu": opt_state.nu[:n],
-            "count": opt_state.count, "step": np.asarray(end, np.int32)})
+            "count": opt_state.count, "step": np.asarray(end, np.int32)}
+        if sstate is not None:
+          state["student"] = psaq_v2.flat(sstate)
+        checkpoint.save(mgr, end, state)
       if stop:
         raise interrupt.Stopped(f"synthesis ({cfg.method})", end)
   finally:

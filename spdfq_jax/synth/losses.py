@@ -40,6 +40,13 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)).sum(-1)
 
 
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """(B,) KL(softmax(p) || softmax(q)) per row."""
+  log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+  return (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
 def cls_attention(attn: jax.Array, prefix: int) -> jax.Array:
   """(B, H, N, N) -> (B, H, P): the CLS row over patch tokens, renormalised to sum one."""
   row = attn[:, :, 0, prefix:]

@@ -3,14 +3,14 @@ patch entropy, MSR, batch TV) on the jittered images, and the achieved attention
 APA aligns with the priors."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from spdfq_jax.models import taps
-from spdfq_jax.synth import losses, regions
+from spdfq_jax.synth import losses, psaq_v2, regions
 from spdfq_jax.synth.layout import ModelInfo
 
 # Stream ids, one per kind of randomness, kept apart across the package: 1 initial images
@@ -57,8 +57,12 @@ def jitter_priors(priors: Sequence[jax.Array], shift: jax.Array, flip: jax.Array
   return out
 
 
+Student = Optional[tuple[Callable, dict]]  # (apply, variables) of PSAQ-ViT V2's student
+
+
 def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
-               cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...]
+               cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
+               student: Student = None
                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """(terms, stats): weighted loss terms (batch means over valid images), whose sum is the
   objective, and what is watched but not optimised (`prior_fit`, the mean Pearson
@@ -66,16 +70,19 @@ def loss_terms(module, params: Any, x: jax.Array, fixed: dict, row: dict,
 
   `row` is one step of the `Plan` (shift, flip, region_shift, region_flip, tv_target,
   step). Every whole-image term, TV included, reads the jittered image, as in PSAQ-ViT.
+  With a `student` (PSAQ-ViT V2) the images also raise its disagreement with the model.
   """
   n_valid = jnp.maximum(fixed["mask"].sum(), 1.0)
   xa = augment(x, row["shift"], row["flip"])
-  terms, stats = model_terms(module, params, x, xa, fixed, row, cfg, info, blocks, n_valid)
+  terms, stats = model_terms(module, params, x, xa, fixed, row, cfg, info, blocks, n_valid,
+                             student)
   return {**terms, **pixel_terms(xa, fixed["mask"], row, cfg)}, stats
 
 
 def model_terms(module, params: Any, x: jax.Array, xa: jax.Array, fixed: dict, row: dict,
                 cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
-                n_valid: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+                n_valid: jax.Array, student: Student = None
+                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """The terms that run the model on `x` and its jittered copy `xa`: sums over the valid
   images divided by `n_valid` (the whole batch's count), so the terms of disjoint parts of
   a batch add up to the batch's (except the entropy with the batch-wide KDE grid, which
@@ -88,7 +95,11 @@ def model_terms(module, params: Any, x: jax.Array, xa: jax.Array, fixed: dict, r
     logits, attns, attn_vs = taps.apply_with_attention(module, {"params": params}, xa)
   else:
     logits = module.apply({"params": params}, xa)
-  terms["ce"] = mean(losses.soft_cross_entropy(logits, fixed["targets"]))
+  if cfg.class_guidance:
+    terms["ce"] = mean(losses.soft_cross_entropy(logits, fixed["targets"]))
+  if student is not None:
+    apply, variables = student
+    terms["adversarial"] = mean(psaq_v2.adversarial_term(logits, apply(variables, xa), cfg))
   stats = {}
   if cfg.apa:
     priors = fixed["priors"]

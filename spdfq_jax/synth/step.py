@@ -2,7 +2,7 @@
 optionally in microbatches, the step's terms written to an on-device log buffer."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from spdfq_jax import parallel
+from spdfq_jax.synth import psaq_v2
 from spdfq_jax.synth.layout import ModelInfo, pixel_range
 from spdfq_jax.synth.objective import augment, loss_terms, model_terms, pixel_terms
 from spdfq_jax.synth.plan import plan_row
@@ -67,11 +68,16 @@ def _total(per_part: dict) -> dict:
 
 
 def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
-              mesh) -> Callable:
-  """The jitted step (params, x, adam, fixed, table, t, log) -> (x, adam, t + 1, log): one
-  Adam update of the pixels at step t's lr (`table` = `Plan.table()` on the device), every
-  channel then clipped to its valid pixel range, and the step's {'terms', 'stats'} written
-  to row t % K of the (K,)-long `log` buffers. Nothing leaves the device.
+              mesh, student_apply: Optional[Callable] = None) -> Callable:
+  """The jitted step (params, x, adam, fixed, table, t, log, student) ->
+  (x, adam, t + 1, log, student): one Adam update of the pixels at step t's lr (`table` =
+  `Plan.table()` on the device), every channel then clipped to its valid pixel range, and
+  the step's {'terms', 'stats'} written to row t % K of the (K,)-long `log` buffers.
+  Nothing leaves the device.
+
+  With `student_apply` (PSAQ-ViT V2) `student` is the student's state (psaq_v2): the pixels
+  also raise its disagreement with the model, then it takes one step on the new pixels
+  (stat 'student_kd'); otherwise `student` is None.
 
   With `microbatches` M > 1 the model terms and their gradient are computed on M parts of
   the batch in sequence (memory of one part); the batch TV is computed on the whole batch.
@@ -86,9 +92,10 @@ def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: t
   net = step_module(module, cfg)
   parts = cfg.microbatches
 
-  def gradient(params, x, fixed, row):
+  def gradient(params, x, fixed, row, student):
     if parts == 1:
-      return _sum_grad(lambda x: loss_terms(net, params, x, fixed, row, cfg, info, blocks), x)
+      return _sum_grad(lambda x: loss_terms(net, params, x, fixed, row, cfg, info, blocks,
+                                            student), x)
     n_valid = jnp.maximum(fixed["mask"].sum(), 1.0)
     jitter = lambda x: augment(x, row["shift"], row["flip"])
     part = lambda _, xf: (None, _sum_grad(lambda x: model_terms(
@@ -101,28 +108,38 @@ def make_step(module, cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: t
       grad, terms = grad + g_pix, {**terms, **pix}
     return grad, (terms, stats)
 
-  def step(params, x, opt_state, fixed, table, t, log):
+  def step(params, x, opt_state, fixed, table, t, log, student):
     row = plan_row(table, t)
-    grad, (terms, stats) = gradient(params, x, fixed, row)
+    pair = (student_apply, student["variables"]) if student is not None else None
+    grad, (terms, stats) = gradient(params, x, fixed, row, pair)
     updates, opt_state = adam.update(grad, opt_state)
     x = jnp.clip(x - row["lr"] * updates, lo, hi)
+    if student is not None:  # the student's turn, on the images just updated
+      xa = augment(x, row["shift"], row["flip"])
+      student, stats["student_kd"] = psaq_v2.student_step(
+          student_apply, cfg, student, net.apply({"params": params}, xa), xa, fixed["mask"])
     k = jax.tree_util.tree_leaves(log)[0].shape[0]
     log = jax.tree_util.tree_map(lambda buf, v: buf.at[t % k].set(v), log,
                                  {"terms": terms, "stats": stats})
-    return x, opt_state, t + 1, log
+    return x, opt_state, t + 1, log, student
 
   batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   opt_sh = optax.ScaleByAdamState(count=rep, mu=batch, nu=batch)
-  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep, rep, rep),
-                 out_shardings=(batch, opt_sh, rep, rep), donate_argnums=(1, 2, 5, 6))
+  return jax.jit(step, in_shardings=(rep, batch, opt_sh, batch, rep, rep, rep, rep),
+                 out_shardings=(batch, opt_sh, rep, rep, rep), donate_argnums=(1, 2, 5, 6, 7))
 
 
 def empty_log(module, params: Any, x: Any, fixed: dict, table: dict,
-              cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...]
+              cfg: ml_collections.ConfigDict, info: ModelInfo, blocks: tuple[int, ...],
+              student_apply: Optional[Callable] = None, student: Optional[dict] = None
               ) -> dict:
   """Zeroed host buffers for the step's log: (log_every,) per term and stat."""
-  terms, stats = jax.eval_shape(
-      lambda p, x, f, tb: loss_terms(module, p, x, f, plan_row(tb, 0), cfg, info, blocks),
-      params, x, fixed, table)
+  def shapes(p, x, f, tb, s):
+    pair = (student_apply, s["variables"]) if s is not None else None
+    terms, stats = loss_terms(module, p, x, f, plan_row(tb, 0), cfg, info, blocks, pair)
+    if s is not None:
+      stats = {**stats, "student_kd": jnp.zeros((), jnp.float32)}
+    return terms, stats
+  terms, stats = jax.eval_shape(shapes, params, x, fixed, table, student)
   zeros = lambda s: np.zeros((cfg.log_every,) + s.shape, s.dtype)
   return jax.tree_util.tree_map(zeros, {"terms": terms, "stats": stats})
