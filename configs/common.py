@@ -186,8 +186,9 @@ def paper_model_config(model: str, arg: Optional[str]) -> ml_collections.ConfigD
 
 def comparison(c: ml_collections.ConfigDict, title: str) -> ml_collections.ConfigDict:
   """A single-method config turned into the all-sources table: every calibration source
-  (noise, inversion, PSAQ-ViT, SPDFQ, SMI, real images) at W4A4 and W3A3."""
+  (noise, inversion, PSAQ-ViT, PSAQ-ViT V2 (from its paper), SPDFQ, SMI, real images) at
+  W4A4 and W3A3."""
   c.title = title
-  c.methods = "noise,inversion,psaq,spdfq,smi,real"
+  c.methods = "noise,inversion,psaq,psaq_v2,spdfq,smi,real"
   c.bits = "w4a4,w3a3"
   return c

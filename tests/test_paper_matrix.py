@@ -14,6 +14,7 @@ The last test runs the command itself (`python -m spdfq_jax.main`) on 4 devices 
 image count they do not divide, for PSAQ-ViT (whose KDE grid spans the batch), SPDFQ and SMI
 (whose kept tokens are gathered per image), and compares its images with one device's.
 """
+import json
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ from PIL import Image
 from spdfq_jax import main, quant
 from spdfq_jax import rows as rows_lib
 from spdfq_jax.data import imagenet
+from spdfq_jax.quant import student as student_lib
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +54,14 @@ CELLS = {
     # deit_base and swin_base; the colab notebook runs it on the demo config. The other cells
     # stop before it (it compiles one step per unit and stage, the largest cost of a cell).
     "vit_small": ("configs/vit_small.py:w4a4", "vit",
-                  [VIT_ARCH, "--config.methods=noise,inversion,smi", NO_RECON] + SMI_PRUNE),
+                  [VIT_ARCH, "--config.methods=noise,inversion,smi,psaq_v2", NO_RECON] + SMI_PRUNE),
     "vit_base": ("configs/vit_base.py:w6a6", "vit", [VIT_ARCH, "--config.methods=psaq,spdfq,real"]),
     "deit_tiny": ("configs/deit_tiny.py:w3a3", "deit_distilled",
                   [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,smi,real"] + SMI_PRUNE),
     "deit_small": ("configs/deit_small.py:w4a4", "deit", [VIT_ARCH]),
     "deit_base": ("configs/deit_base.py:w4a4", "deit", [VIT_ARCH, "--config.methods=noise"]),
     "swin_small": ("configs/swin_small.py:w4a4", "swin",
-                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq", NO_RECON]),
+                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq,psaq_v2", NO_RECON]),
     "swin_base": ("configs/swin_base.py:w4a4", "swin", [SWIN_ARCH, "--config.methods=spdfq,real"]),
     "fmnist_vit": ("configs/fmnist_w4a4.py", None, ["--config.eval.limit=8", NO_RECON]),
     "fmnist_swin": ("configs/fmnist_w4a4.py", None,
@@ -71,7 +73,8 @@ PAPER_TOP1 = {("vit_base", "psaq"): 76.65, ("vit_base", "spdfq"): 79.16,
               ("swin_base", "spdfq"): 76.42,
               ("deit_small", "spdfq"): 62.29, ("deit_base", "noise"): 47.20,
               ("swin_small", "noise"): 31.92, ("swin_small", "psaq"): 73.19,
-              ("vit_small", "noise"): 6.02, ("vit_small", "smi"): 24.33}
+              ("vit_small", "noise"): 6.02, ("vit_small", "smi"): 24.33,
+              ("vit_small", "psaq_v2"): 41.53, ("swin_small", "psaq_v2"): 65.55}
 SIZES = ((300, 200), (180, 260), (256, 256), (500, 375))
 
 
@@ -99,10 +102,14 @@ def parse(argv: list[str]):
   return fv.config
 
 
-def recording_stages():
-  """The real stages; quantize also keeps each row's quantized model, by its workdir."""
+def recording_stages(monkeypatch):
+  """The real stages; quantize also keeps each row's quantized model, by its workdir, and
+  the bits of every PSAQ-ViT V2 student built (under "students")."""
   stages = main.default_stages()
-  made = {}
+  made = {"students": []}
+  build = student_lib.student
+  monkeypatch.setattr(student_lib, "student", lambda module, params, w, a: (
+      made["students"].append((w, a)) or build(module, params, w, a)))
   quantize = stages.quantize
 
   def keep(module, params, images, cfg, workdir=None, **kw):
@@ -116,7 +123,7 @@ def recording_stages():
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
+def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path, monkeypatch):
   config_arg, fixture, extra = CELLS[cell]
   if fixture is None and not HAVE_FMNIST:
     pytest.skip("needs the Fashion-MNIST IDX files")
@@ -125,7 +132,7 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
     argv += [f"--config.model.checkpoint={os.path.join(PAPER, fixture + '.safetensors')}",
              f"--config.data.dir={imagenet_dir}", "--config.data.workers=2"]
   config = parse(argv)
-  stages, made = recording_stages()
+  stages, made = recording_stages(monkeypatch)
   out = main.run(config, str(tmp_path / "work"), stages, config_name=config_arg)
 
   methods = [m.strip() for m in config.methods.split(",")]
@@ -139,7 +146,10 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
     assert row["eval_count"] == (6 if fixture else 8)
     assert row["eval_path"] == "integer", row["method"]  # the default quantizer has one
     if row["method"] != rows_lib.REAL:
-      assert {"prior_fit", "prior_fit_chance", "class_fit"} <= set(row), row["method"]
+      # PSAQ-ViT V2 drops the class guidance, so it has no class to fit.
+      fits = {"prior_fit", "prior_fit_chance"} | ({"class_fit"} if row["method"] != "psaq_v2"
+                                                  else set())
+      assert fits <= set(row) and (row["method"] != "psaq_v2" or "class_fit" not in row)
       for png in ("grid.png", "attention.png"):
         assert os.path.exists(os.path.join(row["synth_dir"], png)), (row["method"], png)
     # Each row shows the paper's number for its own method and bits (none for the beds).
@@ -150,6 +160,12 @@ def test_config_runs_end_to_end(cell, imagenet_dir, tmp_path):
       assert made[row["row_dir"], "kw"] == {"sparse_patches": kept.shape[1]}
     else:
       assert kept is None and made[row["row_dir"], "kw"] == {}
+    # PSAQ-ViT V2's images come from a student at the row's own bits.
+    if row["method"] == "psaq_v2":
+      assert made["students"] == [(row["w_bits"], row["a_bits"])]
+      with open(os.path.join(row["synth_dir"], "config.json")) as f:
+        saved = json.load(f)
+      assert (saved["v2_w_bits"], saved["v2_a_bits"]) == (row["w_bits"], row["a_bits"])
     # The export loads back to the model it came from.
     qm = made[row["row_dir"]]
     loaded = quant.export.load(row["export"])
