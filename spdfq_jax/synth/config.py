@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("noise", "inversion", "psaq", "spdfq", "smi")
+METHODS = ("noise", "inversion", "psaq", "spdfq", "smi", "mimiq")
 SMI_SWIN_REFUSAL = (
     "method smi needs a ViT or DeiT: SMI ranks and drops patch tokens by the class token's "
     "attention after the position embedding, Swin has no class token and its shifted windows "
@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections.ConfigDict:
-  """Defaults for `method` (noise | inversion | psaq | spdfq | smi) on a `family` (vit | swin)
+  """Defaults for `method` (noise | inversion | psaq | spdfq | smi | mimiq) on a `family` (vit | swin)
   model.
 
   The method only sets which loss terms are on; every term stays a field, so an ablation is
@@ -129,6 +129,27 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
     c.lr, c.b1, c.b2 = 0.25, 0.5, 0.99
     c.tv_weight, c.tv_mode = 1e-4, "min"  # tv2: L2 TV of the image before the jitter
 
+  # MimiQ (method 'mimiq', synth/mimiq.py), its generation script's values (MaskAQ at
+  # 3245400, `hydra_image_gen_ssim_att_map.py`): AdamW with decoupled weight decay, lr
+  # annealed by a cosine to mimiq_lr_min; loss mimiq_ssim_weight * SSIM term (1 - SSIM^2
+  # between heads' attention score maps) + mimiq_ce_weight * CE + tv_weight * TV of the
+  # image before the jitter; each step's view adds a per-channel Gaussian offset of scale
+  # mimiq_noise_std x (falling with the step) and a colour jitter (x - m) / s, m ~ U(-a, a),
+  # s = exp(U(-b, b)), (a, b) = mimiq_color_jitter.
+  c.mimiq_weight_decay = 1e-6
+  c.mimiq_lr_min = 0.001
+  c.mimiq_ssim_weight = 1.0
+  c.mimiq_ce_weight = 1.0
+  c.mimiq_noise_std = 0.5
+  c.mimiq_color_jitter = (1.0, 1.0)
+  if method == "mimiq":
+    # 2000 steps (MaskAQ's trainer.py calls the script with iter=2000). `jitter` is the roll
+    # limit of the first and the second half of the steps, independent for H and W.
+    c.iterations, c.rounds, c.warmup = 2000, 1, 0
+    c.lr, c.b1, c.b2, c.eps = 0.1, 0.9, 0.999, 1e-8
+    c.tv_weight, c.tv_mode = 2.5e-5, "min"
+    c.jitter, c.flip = (8, 16), False
+
   c.checkpoint_every = 100
 
   # How the loop runs (not what it computes, so not part of a run's identity; see
@@ -160,7 +181,8 @@ LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
 def identity(cfg: ml_collections.ConfigDict) -> dict:
   """The fields that decide the images: the config without `RUNTIME_FIELDS`, without the
   `LATER_FIELDS` left at their defaults (the identity a run had before they existed), and
-  without SMI's fields for the other methods (which never read them)."""
+  without SMI's or MimiQ's fields for the other methods (which never read them)."""
   return {k: v for k, v in cfg.to_dict().items()
           if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-          and (cfg.method == "smi" or not k.startswith("smi_"))}
+          and (cfg.method == "smi" or not k.startswith("smi_"))
+          and (cfg.method == "mimiq" or not k.startswith("mimiq_"))}
