@@ -153,3 +153,20 @@ def test_draws_depend_on_image_index_not_position():
     np.testing.assert_array_equal(np.asarray(part[k]), np.asarray(full[k])[[3, 1]])
   assert (np.asarray(full["std"]) >= np.exp(-1) - 1e-6).all()
   assert (np.abs(np.asarray(full["mean"])) <= 1).all()
+
+
+def test_update_is_torch_adamw():
+  """The update against torch's AdamW + CosineAnnealingLR as the script builds them, with a
+  weight decay of 0.5 (the script's 1e-6 is below what the image check can see)."""
+  with np.load(os.path.join(DIR, "adamw.npz")) as f:
+    ref = dict(f)
+  cfg = synth.default_config("mimiq")
+  cfg.update(iterations=len(ref["lr"]), mimiq_weight_decay=float(ref["weight_decay"]))
+  np.testing.assert_allclose(mimiq.lr_schedule(cfg), ref["lr"], rtol=1e-6)
+  adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
+  x = jnp.asarray(ref["x0"])
+  st = adam.init(x)
+  for t, lr in enumerate(mimiq.lr_schedule(cfg)):
+    x, st = mimiq.apply_update(adam, x, jnp.asarray(ref["grads"][t]), st, lr, cfg, -np.inf,
+                               np.inf)
+    np.testing.assert_allclose(np.asarray(x), ref["x"][t], rtol=1e-5, atol=1e-5)
