@@ -25,6 +25,8 @@ def tiny_params(module):
 # SMI on the tiny distilled ViT: 16 -> 11 -> 7 -> 4 patch tokens at steps 3, 6, 9, so the
 # checkpoints at steps 4 and 8 hold pruned token lists.
 SMI = {"method": "smi", "smi_prune_at": (3, 6, 9), "smi_prune_ratio": (0.3, 0.3, 0.3)}
+# MimiQ on the tiny distilled ViT: rolls of up to 2 px (steps 0-5), then 4 px, per axis.
+MIMIQ = {"method": "mimiq", "jitter": (2, 4), "jitter_reference": 0}
 
 
 def tiny_config(method="spdfq", **overrides):

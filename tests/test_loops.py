@@ -223,6 +223,19 @@ def test_smi_fields_are_part_of_smis_identity_only():
       synth_config.identity(smi)
 
 
+def test_mimiq_fields_are_part_of_mimiqs_identity_only():
+  """MimiQ's fields (in every config, as SMI's are) never enter another method's identity,
+  so the runs cached before MimiQ existed keep theirs."""
+  from spdfq_jax.synth import config as synth_config
+  for method in ("noise", "inversion", "psaq", "spdfq", "smi"):
+    ident = synth_config.identity(synth_child.tiny_config(method))
+    assert not any(k.startswith("mimiq_") for k in ident), method
+    assert synth_config.identity(synth_child.tiny_config(method, mimiq_noise_std=0.0)) == ident
+  mimiq = synth_child.tiny_config("mimiq")
+  assert synth_config.identity(synth_child.tiny_config("mimiq", mimiq_noise_std=0.0)) != \
+      synth_config.identity(mimiq)
+
+
 @pytest.fixture(scope="module")
 def recon_inputs():
   module = zoo.custom_vit(img_size=16, patch_size=8, width=16, depth=2, num_heads=2,
