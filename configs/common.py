@@ -6,7 +6,7 @@ A run config is `get_config(arg) -> ConfigDict` with these blocks:
            registry ('vit:num_heads=4', see spdfq_jax/models/arch.py; empty = the
            registry name's, our own format's metadata, or read from the file's shapes)
   data     which evaluation / real-calibration data and where it lives
-  methods  comma-separated rows: noise | inversion | psaq | spdfq | smi | real
+  methods  comma-separated rows: noise | inversion | psaq | spdfq | smi | mimiq | real
   bits     comma-separated 'w4a4,w3a3'; empty = quant.w_bits / quant.a_bits
   synth    every field of `spdfq_jax.synth.default_config`, unset (None) = the method's
            default, so one block serves all methods and any field is a command-line override
@@ -186,9 +186,9 @@ def paper_model_config(model: str, arg: Optional[str]) -> ml_collections.ConfigD
 
 def comparison(c: ml_collections.ConfigDict, title: str) -> ml_collections.ConfigDict:
   """A single-method config turned into the all-sources table: every calibration source
-  (noise, inversion, PSAQ-ViT, PSAQ-ViT V2 (from its paper), SPDFQ, SMI, real images) at
-  W4A4 and W3A3."""
+  (noise, inversion, PSAQ-ViT, PSAQ-ViT V2 (from its paper), SPDFQ, SMI, MimiQ, real images)
+  at W4A4 and W3A3."""
   c.title = title
-  c.methods = "noise,inversion,psaq,psaq_v2,spdfq,smi,real"
+  c.methods = "noise,inversion,psaq,psaq_v2,spdfq,smi,mimiq,real"
   c.bits = "w4a4,w3a3"
   return c

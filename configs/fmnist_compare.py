@@ -3,8 +3,8 @@
   python -m spdfq_jax.main --config=configs/fmnist_compare.py
 
 Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, PSAQ-ViT V2 (from its paper; no
-reference code), SPDFQ (APA + MSR + SL), SMI (sparse model inversion; ViT only), and 32
-real training images as the upper reference;
+reference code), SPDFQ (APA + MSR + SL), SMI (sparse model inversion; ViT only), MimiQ
+(heads' attention made alike), and 32 real training images as the upper reference;
 all 32 images, all through the same (best) quantization stage: scale reparameterisation +
 block-wise reconstruction, with the demo's 100 synthesis steps. `benchmarks/synthesis.py accuracy` measures the same comparison over
 seeds and at longer runs; README.md and BENCHMARKS.md hold its tables, next to

@@ -3,7 +3,7 @@
   python -m spdfq_jax.main --config=configs/scenes_compare.py
 
 Rows: Gaussian noise, plain inversion (CE + TV), PSAQ-ViT, SPDFQ (APA + MSR + SL), SMI
-(sparse model inversion; ViT only), and 32 real training scenes as the upper reference;
+(sparse model inversion; ViT only), MimiQ (heads' attention made alike), and 32 real training scenes as the upper reference;
 all through scale reparameterisation and block-wise reconstruction.
 `benchmarks/synthesis.py accuracy --bed scenes` measures the same comparison over seeds; README.md and BENCHMARKS.md hold its tables.
 """

@@ -33,6 +33,8 @@ SMI = {"method": "smi", "smi_prune_at": (3, 6, 9), "smi_prune_ratio": (0.3, 0.3,
 # 8e-5 apart at the default student lr 1e-5, 3e-3 at 1e-4 and 0.3 at 1e-3, with or without
 # padding (4 images on 4 devices: 3.6 at 1e-3).
 PSAQ_V2 = {"method": "psaq_v2", "v2_w_bits": 4, "v2_a_bits": 4, "entropy": False}
+# MimiQ on the tiny distilled ViT: rolls of up to 2 px (steps 0-5), then 4 px, per axis.
+MIMIQ = {"method": "mimiq", "jitter": (2, 4), "jitter_reference": 0}
 
 
 def tiny_config(method="spdfq", **overrides):

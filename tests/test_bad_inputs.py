@@ -224,6 +224,9 @@ def test_counts_and_methods(tmp_path, field, value, match):
     ({"methods": "smi", "synth.smi_prune_ratio": (0.9, 0.9, 0.9, 0.9)},
      r"prunes every patch of the 8 x 8 grid"),
     ({"methods": "smi", "synth.smi_prune_at": (3, 4, 10, 20)}, r"at least 2 apart"),
+    ({"methods": "mimiq", "synth.tv_mode": "target"},
+     r"row mimiq: synth.tv_mode 'target': mimiq minimises its TV"),
+    ({"methods": "mimiq", "synth.jitter": (1, 2, 3)}, r"row mimiq: synth.jitter \(1, 2, 3\)"),
 ])
 def test_synthesis_settings_refused_before_any_stage(tmp_path, fields, match):
   """Found from the config and the model's layout alone, before the FP evaluation."""

@@ -83,6 +83,6 @@ def test_vitb_w4a4_and_overrides():
 def test_compare_config_rows(name):
   c = _parse([f"--config={ROOT}/configs/{name}.py"])
   rows = rows_lib.rows_of(c)
-  assert len(rows) == 14 and {m for m, _, _ in rows} == {
-      "noise", "inversion", "psaq", "psaq_v2", "spdfq", "smi", "real"}
+  assert len(rows) == 16 and {m for m, _, _ in rows} == {
+      "noise", "inversion", "psaq", "psaq_v2", "spdfq", "smi", "mimiq", "real"}
   assert {(w, a) for _, w, a in rows} == {(4, 4), (3, 3)}

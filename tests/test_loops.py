@@ -21,6 +21,7 @@ import synth_child  # noqa: E402
 G = importlib.import_module("spdfq_jax.synth.generate")  # the package re-exports `generate`
 from spdfq_jax.synth import draws as draws_lib
 from spdfq_jax.synth import layout as layout_lib
+from spdfq_jax.synth import mimiq as mimiq_lib
 from spdfq_jax.synth import plan as plan_lib
 from spdfq_jax.synth import step as step_lib
 R = importlib.import_module("spdfq_jax.quant.reconstruct")
@@ -104,7 +105,7 @@ def _count_reads(monkeypatch, calls: list) -> None:
 
   monkeypatch.setattr(jax, "device_get", device_get)
   monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
-  for module in (G, R, evaluate, parallel):
+  for module in (G, R, evaluate, parallel, mimiq_lib):
     monkeypatch.setattr(module, "np", _CountingNumpy(calls))
 
 
@@ -137,6 +138,54 @@ def test_nan_in_the_middle_of_a_block_names_its_step():
   lr[4] = np.nan
   with pytest.raises(FloatingPointError, match=r"not finite at step 5: ce=nan, entropy=nan"):
     _run(cfg, plan=dataclasses.replace(plan, lr=lr))
+
+
+def _run_mimiq(cfg, plan=None, monkeypatch=None, **kw):
+  """MimiQ's loop on the tiny ViT; with `monkeypatch`, (images, reads) as `_run`."""
+  module = synth_child.tiny_vit()
+  params = synth_child.tiny_params(module)
+  info = layout_lib.model_info(module, params, cfg)
+  x0 = draws_lib.initial_images(cfg, info)
+  targets = draws_lib.draw_labels(cfg, info)["targets"]
+  run = lambda: mimiq_lib.invert(module, params, cfg, info, x0, targets,
+                                 plan or mimiq_lib.make_plan(cfg, info), progress=False, **kw)
+  if monkeypatch is None:
+    return run()
+  reads = []
+  _count_reads(monkeypatch, reads)
+  with jax.transfer_guard("disallow"):
+    return run(), reads
+
+
+def test_mimiq_reads_once_per_block_and_compiles_once(monkeypatch):
+  """MimiQ's loop as the PSAQ-ViT one: 8 steps with log_every=3 read the device 3 times
+  plus the final images, the step compiles once, and the images and terms equal a run that
+  reads after every step."""
+  cfg = synth_child.tiny_config("mimiq", iterations=8, log_every=3)
+  steps, made = [], []
+  real_make = mimiq_lib.make_step
+  monkeypatch.setattr(mimiq_lib, "make_step", lambda *a: made.append(real_make(*a)) or made[-1])
+  got, reads = _run_mimiq(cfg, monkeypatch=monkeypatch,
+                          callback=lambda s, t: steps.append((s, t)))
+  assert reads == ["device_get"] * 4
+  assert made[0]._cache_size() == 1
+  monkeypatch.undo()
+  ref_steps = []
+  ref = _run_mimiq(synth_child.tiny_config("mimiq", iterations=8, log_every=1),
+                   callback=lambda s, t: ref_steps.append((s, t)))
+  np.testing.assert_array_equal(got, ref)
+  assert steps == ref_steps and [s for s, _ in steps] == list(range(8))
+
+
+def test_mimiq_nan_names_its_step():
+  cfg = synth_child.tiny_config("mimiq", iterations=8, log_every=3)
+  module = synth_child.tiny_vit()
+  plan = mimiq_lib.make_plan(cfg, layout_lib.model_info(module, synth_child.tiny_params(module),
+                                                        cfg))
+  lr = plan.lr.copy()
+  lr[4] = np.nan
+  with pytest.raises(FloatingPointError, match=r"not finite at step 5: ce=nan, ssim=nan, tv=nan"):
+    _run_mimiq(cfg, plan=dataclasses.replace(plan, lr=lr))
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -221,6 +270,19 @@ def test_smi_fields_are_part_of_smis_identity_only():
   smi = synth_child.tiny_config("smi")
   assert synth_config.identity(synth_child.tiny_config("smi", smi_jitter=0.0)) != \
       synth_config.identity(smi)
+
+
+def test_mimiq_fields_are_part_of_mimiqs_identity_only():
+  """MimiQ's fields (in every config, as SMI's are) never enter another method's identity,
+  so the runs cached before MimiQ existed keep theirs."""
+  from spdfq_jax.synth import config as synth_config
+  for method in ("noise", "inversion", "psaq", "spdfq", "smi"):
+    ident = synth_config.identity(synth_child.tiny_config(method))
+    assert not any(k.startswith("mimiq_") for k in ident), method
+    assert synth_config.identity(synth_child.tiny_config(method, mimiq_noise_std=0.0)) == ident
+  mimiq = synth_child.tiny_config("mimiq")
+  assert synth_config.identity(synth_child.tiny_config("mimiq", mimiq_noise_std=0.0)) != \
+      synth_config.identity(mimiq)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ built-in models on their own bed. Iteration counts are tiny: the point is that e
 family, method and bit setting the README promises gets through to a report and an export.
 
 The last test runs the command itself (`python -m spdfq_jax.main`) on 4 devices with an
-image count they do not divide, for PSAQ-ViT (whose KDE grid spans the batch), SPDFQ and SMI
-(whose kept tokens are gathered per image), and compares its images with one device's.
+image count they do not divide, for PSAQ-ViT (whose KDE grid spans the batch), SPDFQ, SMI
+(whose kept tokens are gathered per image) and MimiQ (whose noise and colour draws are keyed
+by image index), and compares its images with one device's.
 """
 import json
 import math
@@ -54,14 +55,15 @@ CELLS = {
     # deit_base and swin_base; the colab notebook runs it on the demo config. The other cells
     # stop before it (it compiles one step per unit and stage, the largest cost of a cell).
     "vit_small": ("configs/vit_small.py:w4a4", "vit",
-                  [VIT_ARCH, "--config.methods=noise,inversion,smi,psaq_v2", NO_RECON] + SMI_PRUNE),
+                  [VIT_ARCH, "--config.methods=noise,inversion,smi,psaq_v2,mimiq", NO_RECON] + SMI_PRUNE),
     "vit_base": ("configs/vit_base.py:w6a6", "vit", [VIT_ARCH, "--config.methods=psaq,spdfq,real"]),
     "deit_tiny": ("configs/deit_tiny.py:w3a3", "deit_distilled",
-                  [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,smi,real"] + SMI_PRUNE),
+                  [VIT_ARCH, "--config.methods=noise,inversion,psaq,spdfq,smi,mimiq,real"]
+                  + SMI_PRUNE),
     "deit_small": ("configs/deit_small.py:w4a4", "deit", [VIT_ARCH]),
     "deit_base": ("configs/deit_base.py:w4a4", "deit", [VIT_ARCH, "--config.methods=noise"]),
     "swin_small": ("configs/swin_small.py:w4a4", "swin",
-                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq,psaq_v2", NO_RECON]),
+                   [SWIN_ARCH, "--config.methods=noise,inversion,psaq,psaq_v2,mimiq", NO_RECON]),
     "swin_base": ("configs/swin_base.py:w4a4", "swin", [SWIN_ARCH, "--config.methods=spdfq,real"]),
     "fmnist_vit": ("configs/fmnist_w4a4.py", None, ["--config.eval.limit=8", NO_RECON]),
     "fmnist_swin": ("configs/fmnist_w4a4.py", None,
@@ -180,7 +182,7 @@ def test_command_on_four_devices_pads_the_batch_and_gives_one_devices_images(tmp
   entropy spans its KDE grid over the valid images only: without the mask the images move
   by 0.37 here). One step per round: the devices' float rounding alone moves PSAQ-ViT's
   images by 1e-4 after 2 steps but by 0.1 after 4, as its sharp KDE amplifies it."""
-  argv = ["--config=configs/fmnist_w4a4.py", "--config.methods=psaq,spdfq,smi", *SMI_PRUNE,
+  argv = ["--config=configs/fmnist_w4a4.py", "--config.methods=psaq,spdfq,smi,mimiq", *SMI_PRUNE,
           "--config.num_images=5", "--config.synth.iterations=2", "--config.synth.warmup=1",
           "--config.quant.preset=calib", "--config.quant.acts.method=minmax",
           "--config.quant.weights.method=minmax", "--config.eval.limit=8",
@@ -199,7 +201,7 @@ def test_command_on_four_devices_pads_the_batch_and_gives_one_devices_images(tmp
     return sets
 
   one, four = command(1), command(4)
-  assert sorted(one) == sorted(four) == ["psaq", "smi", "spdfq"]
+  assert sorted(one) == sorted(four) == ["mimiq", "psaq", "smi", "spdfq"]
   for method in one:
     assert one[method].shape[0] == 5
     np.testing.assert_allclose(four[method], one[method], atol=1e-3, err_msg=method)

@@ -63,9 +63,17 @@ def v2_reference(tmp_path_factory):
   return workdir, _generate(synth_child.PSAQ_V2, workdir)
 
 
+@pytest.fixture(scope="module")
+def mimiq_reference(tmp_path_factory):
+  """The same for MimiQ (its noise and colour draws keyed by step and image index)."""
+  workdir = str(tmp_path_factory.mktemp("mimiq_ref"))
+  return workdir, _generate(synth_child.MIMIQ, workdir)
+
+
 # Each method's reference run and its child overrides (JSON).
 METHODS = {"spdfq": ("reference", {}), "smi": ("smi_reference", synth_child.SMI),
-           "psaq_v2": ("v2_reference", synth_child.PSAQ_V2)}
+           "psaq_v2": ("v2_reference", synth_child.PSAQ_V2),
+           "mimiq": ("mimiq_reference", synth_child.MIMIQ)}
 
 
 def test_outputs(reference):
@@ -179,3 +187,30 @@ def test_smi_outputs(smi_reference):
   np.testing.assert_array_equal(_load(workdir).kept_patches, r.kept_patches)
   assert r.classes.shape == (5,) and r.targets.max(-1).min() == 1.0  # hard labels
   assert 0 <= r.diagnostics["kept_class_fit"] <= 1
+
+
+def test_mimiq_outputs(mimiq_reference):
+  """MimiQ's set: hard labels, every image in the pixel range and moved from its start."""
+  workdir, r = mimiq_reference
+  cfg = synth_child.tiny_config(**synth_child.MIMIQ)
+  lo = (0 - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+  hi = (1 - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+  assert r.images.shape == (5, 16, 16, 3) and r.targets.max(-1).min() == 1.0
+  assert (r.images >= lo - 1e-6).all() and (r.images <= hi + 1e-6).all()
+  noise = synth.generate(synth_child.tiny_vit(), synth_child.tiny_params(synth_child.tiny_vit()),
+                         synth_child.tiny_config("noise"), progress=False)
+  assert np.abs(r.images - np.clip(noise.images, lo, hi)).mean() > 0.05
+  np.testing.assert_array_equal(_load(workdir).images, r.images)
+
+
+def test_swin_mimiq():
+  """MimiQ on a Swin: the heads are compared per window, on the window grid."""
+  module = zoo.custom_swin(num_classes=10, img_size=16, patch_size=2, embed_dim=8, depths=(2, 2),
+                           num_heads=(2, 4), window_size=4)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  cfg = synth.default_config("mimiq", "swin")
+  cfg.update(num_images=3, iterations=4)
+  seen = []
+  r = synth.generate(module, params, cfg, progress=False, callback=lambda s, t: seen.append(t))
+  assert r.images.shape == (3, 16, 16, 3) and len(seen) == 4
+  assert all(0 < t["ssim"] < 1 and np.isfinite(t["ce"]) for t in seen)

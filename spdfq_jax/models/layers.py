@@ -144,9 +144,11 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
   """Multi-head self-attention with the two matmuls exposed.
 
-  Sows the post-softmax attention `(B, heads, N, N)` as `intermediates/attn` and the
-  attention output `attn @ v` merged over heads `(B, N, D)` as `intermediates/attn_v`;
-  sowing costs nothing unless the caller marks `intermediates` mutable.
+  Sows the post-softmax attention `(B, heads, N, N)` as `intermediates/attn`, the
+  attention output `attn @ v` merged over heads `(B, N, D)` as `intermediates/attn_v`, and
+  the scores `(q / sqrt(head_dim)) k^T` before any bias as `intermediates/attn_scores`
+  (what MimiQ's heads are compared on); sowing costs nothing unless the caller marks
+  `intermediates` mutable and reads them.
   `bias` (added to the logits, broadcast over the batch) carries Swin's relative
   position bias and shift mask.
   """
@@ -172,6 +174,7 @@ class Attention(nn.Module):
     q = self.point(kind=ACT, name="q")(q * hd ** -0.5)
     k = self.point(kind=ACT, name="k")(k)
     logits = einsum("bhqd,bhkd->bhqk", q, k, self.matmul_dtype)
+    self.sow("intermediates", "attn_scores", logits)
     if bias is not None:
       logits = logits + bias
     attn = jax.nn.softmax(logits, axis=-1)

@@ -1,4 +1,5 @@
-"""Calibration-image synthesis against the FP model: noise, inversion, PSAQ-ViT, SPDFQ, SMI."""
+"""Calibration-image synthesis against the FP model: noise, inversion, PSAQ-ViT, SPDFQ, SMI,
+MimiQ."""
 from spdfq_jax.synth.config import METHODS, default_config
 from spdfq_jax.synth.generate import check_config, generate
 from spdfq_jax.synth.layout import model_info

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("noise", "inversion", "psaq", "spdfq", "smi", "psaq_v2")
+METHODS = ("noise", "inversion", "psaq", "spdfq", "smi", "psaq_v2", "mimiq")
 # PSAQ-ViT V2 has no published code: it is built from its paper (docs/synthesis.md lists
 # every choice the paper leaves open), and says so wherever it is listed.
 PSAQ_V2_LABEL = "PSAQ-ViT V2 (from the paper; no reference code)"
@@ -21,8 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections.ConfigDict:
-  """Defaults for `method` (noise | inversion | psaq | spdfq | smi | psaq_v2) on a `family`
-  (vit | swin) model.
+  """Defaults for `method` (noise | inversion | psaq | spdfq | smi | psaq_v2 | mimiq) on a
+  `family` (vit | swin) model.
 
   The method only sets which loss terms are on; every term stays a field, so an ablation is
   a config edit (e.g. `cfg.msr = False`).
@@ -146,6 +146,27 @@ def default_config(method: str = "spdfq", family: str = "vit") -> ml_collections
   c.v2_adversarial_weight = 1.0
   c.v2_student_lr = 1e-5
 
+  # MimiQ (method 'mimiq', synth/mimiq.py), its generation script's values (MaskAQ at
+  # 3245400, `hydra_image_gen_ssim_att_map.py`): AdamW with decoupled weight decay, lr
+  # annealed by a cosine to mimiq_lr_min; loss mimiq_ssim_weight * SSIM term (1 - SSIM^2
+  # between heads' attention score maps) + mimiq_ce_weight * CE + tv_weight * TV of the
+  # image before the jitter; each step's view adds a per-channel Gaussian offset of scale
+  # mimiq_noise_std x (falling with the step) and a colour jitter (x - m) / s, m ~ U(-a, a),
+  # s = exp(U(-b, b)), (a, b) = mimiq_color_jitter.
+  c.mimiq_weight_decay = 1e-6
+  c.mimiq_lr_min = 0.001
+  c.mimiq_ssim_weight = 1.0
+  c.mimiq_ce_weight = 1.0
+  c.mimiq_noise_std = 0.5
+  c.mimiq_color_jitter = (1.0, 1.0)
+  if method == "mimiq":
+    # 2000 steps (MaskAQ's trainer.py calls the script with iter=2000). `jitter` is the roll
+    # limit of the first and the second half of the steps, independent for H and W.
+    c.iterations, c.rounds, c.warmup = 2000, 1, 0
+    c.lr, c.b1, c.b2, c.eps = 0.1, 0.9, 0.999, 1e-8
+    c.tv_weight, c.tv_mode = 2.5e-5, "min"
+    c.jitter, c.flip = (8, 16), False
+
   c.checkpoint_every = 100
 
   # How the loop runs (not what it computes, so not part of a run's identity; see
@@ -174,7 +195,7 @@ LATER_FIELDS = {"compute_dtype": "float32", "apa_follows_jitter": False,
                 "smi_jitter": 0.125, "smi_calibrate_kept": True, "class_guidance": True}
 
 # Fields that only one method reads: they count in that method's identity only.
-METHOD_PREFIXES = {"smi": "smi_", "psaq_v2": "v2_"}
+METHOD_PREFIXES = {"smi": "smi_", "psaq_v2": "v2_", "mimiq": "mimiq_"}
 
 
 def identity(cfg: ml_collections.ConfigDict) -> dict:

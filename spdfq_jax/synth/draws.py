@@ -16,7 +16,8 @@ from spdfq_jax.synth.objective import apa_maps
 
 # Stream ids, one per kind of randomness, kept apart across the package: 1 initial images
 # and 2 labels (draws.py), 3 priors (priors.py), 4 the steps' JAX key (objective.py),
-# 5 the per-step plan (plan.py), 6 SMI's per-step plan (smi.py).
+# 5 the per-step plan (plan.py), 6 SMI's per-step plan (smi.py), 7 MimiQ's per-step plan
+# and 8 its per-(step, image) augmentation key (mimiq.py).
 _INIT, _LABELS = 1, 2
 
 

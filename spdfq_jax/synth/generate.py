@@ -19,7 +19,7 @@ import optax
 
 from spdfq_jax import checkpoint, interrupt, parallel
 from spdfq_jax.synth import config as synth_config
-from spdfq_jax.synth import psaq_v2, smi
+from spdfq_jax.synth import mimiq, psaq_v2, smi
 from spdfq_jax.synth.diagnostics import diagnostics
 from spdfq_jax.synth.draws import draw_labels, draw_priors, initial_images
 from spdfq_jax.synth.layout import ModelInfo, apa_block_indices, model_info
@@ -58,6 +58,12 @@ def check_config(cfg: ml_collections.ConfigDict, info: Optional[ModelInfo] = Non
       smi.check_config(cfg)
     else:
       smi.make_plan(cfg, info)
+    return
+  if cfg.method == "mimiq":
+    if info is None:
+      mimiq.check_config(cfg)
+    else:
+      mimiq.make_plan(cfg, info)
     return
   if cfg.method == "psaq_v2":
     psaq_v2.check_config(cfg)
@@ -108,6 +114,10 @@ def generate(module, params: Any, cfg: ml_collections.ConfigDict, *,
                       directory=directory, progress=progress, callback=callback)
     result.images, result.kept_patches = smi.final_mask(module, params, cfg, info, last,
                                                         splan.final_keep)
+  elif cfg.method == "mimiq":
+    result.images = mimiq.invert(module, params, cfg, info, x0, labels["targets"],
+                                 mimiq.make_plan(cfg, info), directory=directory,
+                                 progress=progress, callback=callback)
   elif cfg.method != "noise":
     fixed = {"targets": labels["targets"], "region_targets": labels["region_targets"],
              "priors": pri if cfg.apa else []}
