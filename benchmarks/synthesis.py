@@ -14,7 +14,8 @@
       them from the same workroot).
   python benchmarks/synthesis.py accuracy [--seeds 0,1,2] [--iterations 100] [--family vit]
       W4A4 / W3A3 Fashion-MNIST test top-1 after the full quantization stage, calibrated on
-      32 images from each source (noise, inversion, psaq, spdfq, smi, real), mean +- std over
+      32 images from each source (noise, inversion, psaq, psaq_v2, spdfq, smi, mimiq, real),
+      mean +- std over
       seeds; `--ablation` adds the 8 APA/MSR/SL rows; `--family swin` uses the Swin asset;
       `--bed scenes` the scenes test bed (48x48 RGB, asset scenes_<family>) instead;
       `--preset reparam` stops at calibration + reparameterisation (no reconstruction);
@@ -226,13 +227,14 @@ def same_as_spdfq(abl) -> bool:
 def source_images(module, params, family: str, row: str, abl, seed: int, iterations: int,
                   workroot: str, alpha1: float | None, channels: int, bed: str = "fmnist",
                   prior: str = "gmm", compute_dtype: str = "float32",
-                  synth_overrides: dict | None = None) -> tuple[np.ndarray, dict, int]:
+                  synth_overrides: dict | None = None, bits: tuple[int, int] = (4, 4)
+                  ) -> tuple[np.ndarray, dict, int]:
   """The 32 calibration images of one source, their `diagnostics` (class and prior fit;
   empty for real images) and the patches calibration keeps per image (SMI's unmasked ones,
   when its config calibrates on them; 0 = all); synthetic sets are cached under workroot by a tag of (family, row,
   seed, iterations, ablation, alpha1, prior, compute dtype, overrides), so `synthesize` (e.g.
   on a GPU) and `accuracy` (here) share them. `synth_overrides` (synthesis methods only) are
-  applied last."""
+  applied last. PSAQ-ViT V2's images depend on `bits` (its student's; in its tag)."""
   data = bed_data(bed)
   if row == "real":
     return data.calibration_images(32, seed, None, channels)[0], {}, 0
@@ -247,6 +249,11 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
     cfg.update(apa=abl[0], msr=abl[1], sl=abl[2])
   cfg.update(**synth_overrides)
   cfg.compute_dtype = compute_dtype
+  student = None
+  if row == "psaq_v2":
+    from spdfq_jax.quant import student as quant_student  # noqa: PLC0415
+    cfg.v2_w_bits, cfg.v2_a_bits = bits
+    student = quant_student.student(module, params, *bits)
   real_prior_images = None
   if prior != "gmm" and cfg.apa:
     cfg.prior = prior
@@ -257,12 +264,14 @@ def source_images(module, params, family: str, row: str, abl, seed: int, iterati
          + (f"-a{cfg.alpha1:g}" if row == "spdfq" else "")
          + (f"-{prior}" if cfg.prior != "gmm" else "")
          + (f"-{compute_dtype}" if compute_dtype != "float32" else "")
-         + "".join(f"-{k}{tag_value(v)}" for k, v in sorted(synth_overrides.items())))
+         + "".join(f"-{k}{tag_value(v)}" for k, v in sorted(synth_overrides.items()))
+         + ("-w%da%d" % bits if row == "psaq_v2" else ""))
   t = time.perf_counter()
   result = synth.generate(module, params, cfg, workdir=os.path.join(workroot, tag),
-                          progress=False, real_images=real_prior_images)
+                          progress=False, real_images=real_prior_images, student=student)
   d = result.diagnostics  # data-free: does the FP model see the targets, the priors?
-  msg = f"class fit {100 * d['class_fit']:.0f}% of the images"
+  msg = (f"class fit {100 * d['class_fit']:.0f}% of the images" if "class_fit" in d
+         else "no class guidance")
   if "region_class_fit" in d:
     msg += f", {100 * d['region_class_fit']:.0f}% of the MSR regions"
   if "kept_class_fit" in d:
@@ -310,15 +319,17 @@ def tag_value(v) -> str:
 def run_synthesize(family: str, seeds: list[int], iterations: int, rows: list[str],
                    ablation: str, workroot: str, alpha1: float | None = None,
                    prior: str = "gmm", bed: str = "fmnist", compute_dtype: str = "float32",
-                   synth_overrides: dict | None = None) -> None:
+                   synth_overrides: dict | None = None,
+                   bits: tuple[tuple[int, int], ...] = ((4, 4), (3, 3))) -> None:
   """Synthesis only, seed-major (a cut-short run still holds whole seeds of every row)."""
   module, params, path = load_asset(family, bed)
   channels = zoo.in_channels(module, params)
   print(f"Machine: {machine()}; model {path}; synthesis iterations {iterations}\n", flush=True)
   for seed in seeds:
     for row, abl in variants([r for r in rows if r not in ("noise", "real")], ablation):
-      source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
-                    channels, bed, prior, compute_dtype, synth_overrides)
+      for b in (bits if row == "psaq_v2" else bits[:1]):
+        source_images(module, params, family, row, abl, seed, iterations, workroot, alpha1,
+                      channels, bed, prior, compute_dtype, synth_overrides, b)
 
 
 def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], iterations: int,
@@ -344,14 +355,15 @@ def run_accuracy(family: str, seeds: list[int], bits: list[tuple[int, int]], ite
   done = json.load(open(done_path)) if os.path.exists(done_path) else {}
   for row, abl in variants(rows, ablation):
     for seed in seeds:
-      images, diag, sparse = source_images(module, params, family, row, abl, seed, iterations,
-                                           workroot, alpha1, channels, bed, prior,
-                                           compute_dtype, synth_overrides)
-      if diag:
-        fits.setdefault((row, abl), []).append(diag["prior_fit"])
-        chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
       synthetic = row not in ("noise", "real")  # settings of synthesis only in its keys
-      for w, a in bits:
+      for i, (w, a) in enumerate(bits):
+        if i == 0 or row == "psaq_v2":  # V2's images are made per bit setting
+          images, diag, sparse = source_images(module, params, family, row, abl, seed,
+                                               iterations, workroot, alpha1, channels, bed,
+                                               prior, compute_dtype, synth_overrides, (w, a))
+          if diag and i == 0:
+            fits.setdefault((row, abl), []).append(diag["prior_fit"])
+            chance.setdefault((row, abl), []).append(diag["prior_fit_chance"])
         key = json.dumps([family, row, None if same_as_spdfq(abl) else abl, seed, iterations,
                           alpha1 if synthetic else None,
                           prior if synthetic else "gmm", w, a, preset,
@@ -440,7 +452,7 @@ def main() -> None:
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--bits", default="4,4;3,3")
   p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
-  p.add_argument("--rows", default="noise,inversion,psaq,spdfq,smi,real")
+  p.add_argument("--rows", default="noise,inversion,psaq,psaq_v2,spdfq,smi,mimiq,real")
   p.add_argument("--ablation", nargs="?", const="all", default="",
                  help="add the APA/MSR/SL rows: all 8, or a comma list of 0/1 triples (APA MSR SL)"
                       " such as 101,011")
@@ -467,11 +479,11 @@ def main() -> None:
     run_timing(a.models.split(","), a.methods.split(","), a.iters)
   elif a.what == "speed":
     run_speed(a.models.split(","), a.methods.split(","), a.batch, a.iters)
-  elif a.what == "synthesize":
+  bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
+  if a.what == "synthesize":
     run_synthesize(a.family, seeds, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
-                   a.prior, a.bed, a.compute_dtype, parse_overrides(a.synth))
-  else:
-    bits = [tuple(int(v) for v in b.split(",")) for b in a.bits.split(";")]
+                   a.prior, a.bed, a.compute_dtype, parse_overrides(a.synth), tuple(bits))
+  elif a.what == "accuracy":
     run_accuracy(a.family, seeds, bits, a.iterations, rows, a.ablation, a.workroot, a.alpha1,
                  a.preset, parse_overrides(a.quant), a.eval_split, a.prior, a.bed,
                  a.compute_dtype, parse_overrides(a.synth))

@@ -88,7 +88,7 @@ def markdown(report: Mapping[str, Any]) -> str:
   parts = [f"# {report.get('title', 'SPDFQ run')}", ""]
   if report.get("description"):
     parts += [report["description"], ""]
-  parts += [table(rows), ""]
+  parts += [table(rows), ""] + [line + "\n" for line in method_notes(rows)]
   stages = sorted({s for r in rows for s in r.get("timings", {})},
                   key=lambda s: list(STAGE_ORDER).index(s) if s in STAGE_ORDER else 99)
   if stages:
@@ -115,6 +115,15 @@ PAPER_SOURCES = (("noise", "noise"), ("inversion", "inversion"), ("psaq", "PSAQ-
                  ("psaq_v2", "PSAQ-ViT V2"), ("smi", "SMI"), ("spdfq", "SPDFQ"),
                  ("mimiq", "MimiQ"), ("real", "real images"))
 PAPER_TABLE_FILE = "paper_table.md"
+# Printed under any table with the method: what the figure rests on.
+METHOD_NOTES = {"psaq_v2": "PSAQ-ViT V2 (psaq_v2) is built from its paper: no reference code "
+                           "exists; docs/synthesis.md lists the choices the paper leaves open."}
+
+
+def method_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The notes of the methods among `rows`, as lines."""
+  methods = {r["method"] for r in rows}
+  return [note for m, note in METHOD_NOTES.items() if m in methods]
 
 
 def paper_cell(ours: Any, paper: Any = None) -> str:
@@ -191,6 +200,7 @@ def paper_markdown(rows: Sequence[Mapping[str, Any]],
            "beside it where it reports one; '-' where not run.", ""]
   for bits, t in paper_tables(rows, paper_fp).items():
     parts += [f"## {bits}", "", t, ""]
+  parts += [line + "\n" for line in method_notes(rows)]
   return "\n".join(parts)
 
 

@@ -105,3 +105,11 @@ def test_missing_report_is_a_clear_error(tmp_path):
   msg = str(e.value)
   assert str(tmp_path / "report.json") in msg and "does not exist" in msg
   assert f"python -m spdfq_jax.main --workdir={tmp_path}" in msg and "\n" not in msg
+
+
+def test_psaq_v2_is_labelled_as_built_from_its_paper():
+  with_v2 = [_row(VITS, "psaq_v2", 40.0), _row(VITS, "spdfq", 50.0)]
+  for text in (report.paper_markdown(with_v2), report.markdown({"rows": with_v2})):
+    assert "PSAQ-ViT V2 (psaq_v2) is built from its paper: no reference code" in text
+  without = [_row(VITS, "spdfq", 50.0)]
+  assert "reference code" not in report.paper_markdown(without)
