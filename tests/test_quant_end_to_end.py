@@ -14,10 +14,12 @@ therefore held to 1e-3 of each tensor's largest value and their updates by direc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,7 +29,11 @@ from spdfq_jax import models, quant
 from spdfq_jax.models import convert, zoo
 from spdfq_jax.quant import api
 
+pytestmark = pytest.mark.slow  # two full `quantize` runs (compiling every unit's steps)
+
 STAGES = ("stage1", "stage2", "stage3")
+# Evaluation images whose logits a float32 tie tips (test_logits_equal_reference).
+TIPPED = {"vit": {}, "swin": {"stage1": [4, 6]}}
 # The documented difference of form (docs/quantization.md): this package matches Swin's
 # `embed` unit after its LayerNorm, the reference its conv before it. With FP weights (stage
 # one) both losses are 0; in stage three the patch-embedding update differs and with it every
@@ -43,7 +49,7 @@ class Run(NamedTuple):
   fp: dict  # the FP params quantize started from
   states: dict  # stage -> (activation state, weight state)
   params: dict  # stage -> params after it (stage2: reparameterised)
-  logits: np.ndarray
+  logits: dict  # stage1 (activations quantized, weights FP), stage3 -> (images, classes)
 
 
 def e2e_case(name: str) -> tuple[Any, dict, dict]:
@@ -74,17 +80,25 @@ def run(request) -> Run:
     calls.append((params_, qstate, wstate, out[0]))
     return out
 
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(api, "reconstruct", spy)
-    qm = quant.quantize(module, params, ref["calib_images"], cfg, progress=False,
-                        draws=(ref["draws/stage1"], ref["draws/stage3"]))
-  assert len(calls) == 2, len(calls)
-  (_, qs1, ws1, p1), (p2, qs2, ws2, p3) = calls
-  assert not ws1  # stage one: weights FP
+  # Tiny models, a few steps: compiling dominates, and XLA's optimisation passes most of it.
+  optimized = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(api, "reconstruct", spy)
+      qm = quant.quantize(module, params, ref["calib_images"], cfg, progress=False,
+                          draws=(ref["draws/stage1"], ref["draws/stage3"]))
+    assert len(calls) == 2, len(calls)
+    (_, qs1, ws1, p1), (p2, qs2, ws2, p3) = calls
+    assert not ws1  # stage one: weights FP
+    logits = {"stage1": np.asarray(T.logits(module, cfg, p1, qs1, {}, ref["eval_images"])),
+              "stage3": np.asarray(qm.logits(ref["eval_images"]))}
+  finally:
+    jax.config.update("jax_disable_most_optimizations", optimized)
   states = {"stage1": (qs1, {}), "stage2": (qs2, ws2),
             "stage3": (qm.variables["quant"], qm.variables["wquant"])}
   return Run(name, module, ref, params, states, {"stage1": p1, "stage2": p2, "stage3": p3},
-             np.asarray(qm.logits(ref["eval_images"])))
+             logits)
 
 
 def ref_params(r: Run, stage: str) -> dict:
@@ -103,9 +117,17 @@ def noise(r: Run, key: str, shape: tuple) -> np.ndarray:
   return mask
 
 
-def xfail_swin_stage3(r: Run, stage: str) -> None:
-  if r.name == "swin" and stage == "stage3":
+@contextlib.contextmanager
+def swin_stage3(r: Run, stage: str) -> Iterator[None]:
+  """Expects Swin's stage three to fail (SWIN_EMBED), strictly: once it holds, this fails."""
+  if r.name != "swin" or stage != "stage3":
+    yield
+    return
+  try:
+    yield
+  except AssertionError:
     pytest.xfail(SWIN_EMBED)
+  pytest.fail("Swin's stage three now equals the reference: drop the expected failure")
 
 
 def test_fixture_names_its_commit_and_model(run):
@@ -144,7 +166,11 @@ def test_parameters_equal_reference(run, stage):
   """All parameters after each stage: the same ones trained (the rest unchanged), each within
   1e-3 of its largest value, and every trained tensor's update in the reference's direction
   (cosine >= 0.999, float-noise elements aside) with the noise elements inside Adam's bound."""
-  xfail_swin_stage3(run, stage)
+  with swin_stage3(run, stage):
+    hold_parameters(run, stage)
+
+
+def hold_parameters(run: Run, stage: str) -> None:
   got, want = T.flat(run.params[stage]), ref_params(run, stage)
   assert set(got) == set(want), sorted(set(got) ^ set(want))
   start = {"stage1": T.flat(run.fp), "stage2": T.flat(run.fp),
@@ -174,7 +200,15 @@ def test_parameters_equal_reference(run, stage):
   assert trained > 0
 
 
-def test_logits_equal_reference(run):
-  """The fully quantized model's logits on the recorded evaluation images."""
-  xfail_swin_stage3(run, "stage3")
-  assert P.rel_err(run.logits, run.ref["logits/stage3"]) <= 1e-4
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_logits_equal_reference(run, stage):
+  """The logits on the recorded evaluation images after stage one (weights FP) and of the
+  fully quantized model, per image to 1e-4 of the largest. At 3 bits, Swin's images 4 and 6
+  after stage one are the exceptions: with the reference's own states and parameters this
+  package's forward gives every image to 1e-7, but image 4 has an activation on a rounding
+  boundary that the states' float32 differences (<= 2e-6) tip, and image 6 one that the
+  few float-noise elements of layers.1.blocks.0's update tip."""
+  got, want = run.logits[stage], run.ref[f"logits/{stage}"]
+  off = np.abs(got - want).max(axis=1) > 1e-4 * np.abs(want).max()
+  with swin_stage3(run, stage):
+    assert np.flatnonzero(off).tolist() == TIPPED[run.name].get(stage, []), np.abs(got - want).max(1)
