@@ -212,3 +212,14 @@ def test_logits_equal_reference(run, stage):
   off = np.abs(got - want).max(axis=1) > 1e-4 * np.abs(want).max()
   with swin_stage3(run, stage):
     assert np.flatnonzero(off).tolist() == TIPPED[run.name].get(stage, []), np.abs(got - want).max(1)
+
+
+def test_draws_must_cover_every_unit():
+  """A replay that does not fit the units or `recon.iters` is refused before any step."""
+  module, params, ref = e2e_case("vit")
+  cfg = quant.default_config(4, 4, recon_iters=2, recon_batch_size=4)
+  draws = list(ref["draws/stage3"])
+  for bad in (draws[:-1], [d[:1] for d in draws]):
+    with pytest.raises(ValueError, match="one \\(recon.iters=2, batch\\) index array per unit"):
+      api.reconstruct(module, params, {}, {}, ref["calib_images"], cfg, progress=False,
+                      draws=bad)
