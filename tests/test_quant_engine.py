@@ -232,7 +232,8 @@ def test_quantize_runs_the_reference_stages(images, monkeypatch, stages):
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]
   calls = []
   def fake(module, p, qs, ws, images, cfg, workdir=None, progress=True, teacher=None,
-           fp_inputs=False):
+           fp_inputs=False, draws=None):
+    assert draws is None  # batches are drawn from recon.seed unless a replay is given
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(teacher),
                                                    jax.tree_util.tree_leaves(params)))
     calls.append((fp_inputs, bool(ws), same, any(

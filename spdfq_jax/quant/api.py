@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import ml_collections
@@ -28,14 +28,18 @@ def _timed(timings: dict, stage: str) -> Iterator[None]:
 
 def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
              cfg: Optional[ml_collections.ConfigDict] = None, workdir: Optional[str] = None,
-             progress: bool = True, sparse_patches: int = 0) -> qmodel.QuantizedModel:
+             progress: bool = True, sparse_patches: int = 0,
+             draws: Optional[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]] = None
+             ) -> qmodel.QuantizedModel:
   """Quantizes an FP model with calibration images (real, noise or synthetic).
 
   Runs I&S-ViT's stages as `cfg` says (default: `default_config(4, 4)`, the full stage):
   calibrate -> (reconstruct with FP weights) -> (reparameterize) -> weight ranges ->
   (reconstruct with quantized weights; the teacher is always the FP model given). With a workdir, reconstruction
   resumes from its last finished unit. The per-unit reconstruction losses are kept in
-  `qmodel.info['recon']`, the seconds each stage took in `qmodel.timings`.
+  `qmodel.info['recon']`, the seconds each stage took in `qmodel.timings`. `draws`
+  (stage one's, stage three's) replays given reconstruction batches instead of drawing them
+  (`reconstruct`'s `draws`; stage one's is ignored when that stage does not run).
   """
   cfg = cfg if cfg is not None else qconfig.default_config()
   qconfig.validate(cfg)
@@ -57,7 +61,8 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
       params, log_acts = reconstruct(
           module, params, qstate, {}, calib_images, cfg,
           workdir=os.path.join(workdir, "recon_acts") if workdir else None,
-          progress=progress, teacher=teacher, fp_inputs=True)
+          progress=progress, teacher=teacher, fp_inputs=True,
+          draws=None if draws is None else draws[0])
   if cfg.reparam:
     with _timed(timings, "reparameterize"):
       params, qstate = reparameterize(params, qstate, cfg)
@@ -67,7 +72,8 @@ def quantize(module: zoo.Model, params: Any, calib_images: np.ndarray,
     with _timed(timings, "reconstruct"):
       params, log = reconstruct(module, params, qstate, wstate, calib_images, cfg,
                                 workdir=os.path.join(workdir, "recon") if workdir else None,
-                                progress=progress, teacher=teacher)
+                                progress=progress, teacher=teacher,
+                                draws=None if draws is None else draws[1])
   qm = qmodel.build(full, params, qstate, wstate, cfg)
   qm.info["recon"] = log
   qm.info["recon_acts"] = log_acts

@@ -17,12 +17,16 @@ SIGTERM it stops after the current step: the unit it was training (at most `reco
 steps) is redone from its start on resume, which gives the same weights as an unbroken run.
 A loss that stops being finite ends the run at once (FloatingPointError naming the unit,
 the step and the last good checkpoint) instead of saving NaN weights.
+
+Each step's batch is drawn from `recon.seed`, the unit's index and the step. `draws` replaces
+those draws with given image indices (one `(iters, batch)` integer array per unit), so that
+another implementation's batches can be replayed step for step; off (None) by default.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,19 +106,26 @@ def _stop_message(err: NonFiniteLoss, units: list, workdir: Optional[str], mgr: 
 def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
                 images: np.ndarray, cfg: ml_collections.ConfigDict,
                 workdir: Optional[str] = None, progress: bool = True,
-                teacher: Any = None, fp_inputs: bool = False) -> tuple[dict, list[dict]]:
+                teacher: Any = None, fp_inputs: bool = False,
+                draws: Optional[Sequence[np.ndarray]] = None) -> tuple[dict, list[dict]]:
   """(latent params after reconstruction, per-unit loss log).
 
   `params` are the (possibly reparameterised) params training starts from; `teacher` the FP
   params whose unit outputs are the targets (default: `params`). The returned params are
   latent: pass them through `weights.quantize_weights` (or `qmodel.build`) to get the
-  deployed fake-quantized kernels.
+  deployed fake-quantized kernels. `draws`: per unit of `zoo.units(module)`, the image
+  indices of each step's batch, `(recon.iters, batch)` (None: drawn from `recon.seed`).
   """
   r = cfg.recon
   chunk = cfg.calib.chunk_size
   frozen = ml_collections.FrozenConfigDict(cfg)
   qmod = qmodel.quant_module(module, cfg)
   units = zoo.units(module)
+  if draws is not None:
+    draws = [np.asarray(d) for d in draws]
+    if len(draws) != len(units) or any(d.ndim != 2 or d.shape[0] != r.iters for d in draws):
+      raise ValueError(f"draws: one (recon.iters={r.iters}, batch) index array per unit "
+                       f"({len(units)}), got shapes {[d.shape for d in draws]}")
   # Everything the steps read goes to the device once, here.
   student, qstate, wstate = jax.device_put((params, qstate, wstate))
   teacher = student if teacher is None else jax.device_put(teacher)
@@ -131,7 +142,8 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
     if i >= start and r.iters > 0:
       try:
         student, entry = _train_unit(qmod, name, paths, student, qstate, wstate, cfg,
-                                     x_q, y_fp, i, progress)
+                                     x_q, y_fp, i, progress,
+                                     None if draws is None else draws[i])
       except NonFiniteLoss as e:
         raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
       log.append(entry)
@@ -186,6 +198,16 @@ def unit_loss(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, 
   return jnp.mean((out - y) ** 2)
 
 
+def _update(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
+            opt_state: Any, frozen: dict, qstate: dict, wstate: dict, x: jax.Array,
+            y: jax.Array) -> tuple[dict, Any, jax.Array]:
+  """One Adam step on the batch (x, y): the body shared by the drawn and replayed steps."""
+  loss, g = jax.value_and_grad(unit_loss, argnums=3)(qmod, name, cfg, trainable, frozen, qstate,
+                                                     wstate, x, y)
+  updates, opt_state = _optimizer(cfg, trainable).update(g, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, loss
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trainable: dict,
           opt_state: Any, frozen: dict, qstate: dict, wstate: dict, key: jax.Array,
@@ -197,10 +219,15 @@ def _step(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, trai
   n = xs.shape[0]
   bs = min(cfg.recon.batch_size, n)
   idx = jax.random.choice(key, n, (bs,), replace=False)
-  loss, g = jax.value_and_grad(unit_loss, argnums=3)(qmod, name, cfg, trainable, frozen, qstate,
-                                                     wstate, xs[idx], ys[idx])
-  updates, opt_state = _optimizer(cfg, trainable).update(g, opt_state, trainable)
-  return optax.apply_updates(trainable, updates), opt_state, loss
+  return _update(qmod, name, cfg, trainable, opt_state, frozen, qstate, wstate, xs[idx], ys[idx])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
+def _step_drawn(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict,
+                trainable: dict, opt_state: Any, frozen: dict, qstate: dict, wstate: dict,
+                idx: jax.Array, xs: jax.Array, ys: jax.Array) -> tuple[dict, Any, jax.Array]:
+  """`_step` on a given batch of image indices (`reconstruct`'s `draws`)."""
+  return _update(qmod, name, cfg, trainable, opt_state, frozen, qstate, wstate, xs[idx], ys[idx])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -236,20 +263,25 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def _train_unit(qmod: zoo.Model, name: str, paths: list[tuple[str, ...]], params: dict,
                 qstate: dict, wstate: dict, cfg: ml_collections.ConfigDict, x_q: jax.Array,
-                y_fp: jax.Array, index: int, progress: bool) -> tuple[dict, dict]:
+                y_fp: jax.Array, index: int, progress: bool,
+                draws: Optional[np.ndarray] = None) -> tuple[dict, dict]:
   """Trains one unit; the losses are read every `recon.log_every` steps (one transfer
-  per block), and a non-finite one raises `NonFiniteLoss` with its step."""
+  per block), and a non-finite one raises `NonFiniteLoss` with its step. `draws`: the
+  batch indices of each step, replayed instead of drawn."""
   r = cfg.recon
   frozen_cfg = ml_collections.FrozenConfigDict(cfg)
   trainable, opt_state = _start(frozen_cfg, {p: get_subtree(params, p) for p in paths})
-  keys = step_keys(r.seed, index, r.iters)
+  if draws is None:
+    step, keys = _step, step_keys(r.seed, index, r.iters)
+  else:
+    step, keys = _step_drawn, list(jax.device_put(np.asarray(draws, np.int32)))
   first = last = None
   bar = tqdm(total=r.iters, desc=f"recon {name}", leave=False, disable=not progress)
   for start in range(0, r.iters, r.log_every):
     pending = []
     for i, key in enumerate(keys[start:start + r.log_every]):
-      trainable, opt_state, loss = _step(qmod, name, frozen_cfg, trainable, opt_state, params,
-                                         qstate, wstate, key, x_q, y_fp)
+      trainable, opt_state, loss = step(qmod, name, frozen_cfg, trainable, opt_state, params,
+                                        qstate, wstate, key, x_q, y_fp)
       pending.append(loss)
       if interrupt.requested():  # the checkpoint of the last finished unit is the resume point
         raise interrupt.Stopped(f"reconstruction of unit {name!r}", start + i + 1)
