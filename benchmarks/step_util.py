@@ -44,7 +44,9 @@ def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool
   """(jitted step, its arguments at step 5) on one device, random labels and priors.
 
   With `donate` the step consumes its image, Adam, counter and log arguments: call it
-  as `args = advance(args, step(*args))`. Without, the same arguments can be reused."""
+  as `args = advance(args, step(*args))`. Without, the same arguments can be reused.
+  PSAQ-ViT V2 gets a W4A4 student (`cfg.v2_*_bits` when set); MimiQ runs its own step (no
+  student argument, so `advance` does not apply to it)."""
   info = layout_lib.model_info(module, params, cfg)
   blocks = layout_lib.apa_block_indices(info, cfg) if cfg.apa else ()
   labels = draws_lib.draw_labels(cfg, info)
@@ -60,13 +62,29 @@ def synth_step(module, params: Any, cfg: ml_collections.ConfigDict, donate: bool
   state = optax.ScaleByAdamState(jax.device_put(np.int32(0), rep),
                                  parallel.shard_batch(np.zeros_like(x0), mesh),
                                  parallel.shard_batch(np.zeros_like(x0), mesh))
-  table = jax.device_put(plan_lib.make_plan(cfg, info).table(), rep)
   params = jax.device_put(params, rep)
-  log = jax.device_put(step_lib.empty_log(module, params, x, fixed, table, cfg, info, blocks), rep)
-  step = step_lib.make_step(module, cfg, info, blocks, mesh)
+  t = jax.device_put(np.int32(5), rep)
+  if cfg.method == "mimiq":
+    from spdfq_jax.synth import mimiq  # noqa: PLC0415
+    table = jax.device_put(mimiq.make_plan(cfg, info).table(), rep)
+    log = jax.device_put({k: np.zeros(cfg.log_every, np.float32) for k in mimiq.TERMS}, rep)
+    step = mimiq.make_step(module, cfg, info, mesh)
+    return (step if donate else jax.jit(step.__wrapped__)), (params, x, state, fixed, table, t,
+                                                             log)
+  table = jax.device_put(plan_lib.make_plan(cfg, info).table(), rep)
+  apply, student = None, None
+  if cfg.method == "psaq_v2":
+    from spdfq_jax.quant import student as quant_student  # noqa: PLC0415
+    from spdfq_jax.synth import psaq_v2  # noqa: PLC0415
+    bits = (cfg.v2_w_bits or 4, cfg.v2_a_bits or 4)
+    built = quant_student.student(module, params, *bits)
+    apply, student = built.apply, jax.device_put(psaq_v2.initial_state(built, cfg, x0), rep)
+  log = jax.device_put(step_lib.empty_log(module, params, x, fixed, table, cfg, info, blocks,
+                                          apply, student), rep)
+  step = step_lib.make_step(module, cfg, info, blocks, mesh, apply)
   if not donate:
     step = jax.jit(step.__wrapped__)
-  return step, (params, x, state, fixed, table, jax.device_put(np.int32(5), rep), log, None)
+  return step, (params, x, state, fixed, table, t, log, student)
 
 
 def advance(args: tuple, out: tuple) -> tuple:
