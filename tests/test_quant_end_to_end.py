@@ -11,8 +11,11 @@ the gradient is float noise the two sides may step in opposite directions (the k
 which softmax is invariant, always; elsewhere few elements: one in the ViT, about 1% of
 Swin's 3-bit layers.1.blocks.0, where a rounding inside the block tips); the trained values
 are therefore held to 1e-3 of each tensor's largest value and their updates by direction
-(cosine >= 0.999), the states and logits tightly. Swin's stage three is expected to fail
-(SWIN_EMBED below).
+(cosine >= 0.999), the states and logits tightly. Swin's `embed` unit is matched on the patch
+convolution's output before its LayerNorm, as the reference reconstructs that convolution
+(`zoo.unit_target_method`; matched after the LayerNorm, its stage-three update was cosine
+0.86 (kernel) and 0.48 (bias) from the reference's, now above 0.9999). Swin's stage three is
+still expected to fail (SWIN_STAGE3 below).
 """
 from __future__ import annotations
 
@@ -36,12 +39,13 @@ pytestmark = pytest.mark.slow  # two full `quantize` runs (compiling every unit'
 STAGES = ("stage1", "stage2", "stage3")
 # Evaluation images whose logits a float32 tie tips (test_logits_equal_reference).
 TIPPED = {"vit": {}, "swin": {"stage1": [4, 6]}}
-# The documented difference of form (docs/quantization.md): this package matches Swin's
-# `embed` unit after its LayerNorm, the reference its conv before it. With FP weights (stage
-# one) both losses are 0; in stage three the patch-embedding update differs and with it every
-# later unit's quantized input.
-SWIN_EMBED = ("Swin's embed unit is matched after its LayerNorm, the reference's conv before "
-              "it: stage three's patch-embedding update differs, and everything after it")
+# Open: with the patch embedding now equal, Swin's stage-three blocks still step apart from
+# the reference's (update cosines 0.15-0.99, 5-40% of the elements with the other sign; the
+# 4-bit ViT's are above 0.999999). Suspected, not shown: 3-bit roundings in the blocks tipped
+# by the embedding's float-level difference, to which Adam's sign-like first steps are blind
+# in size but not in sign.
+SWIN_STAGE3 = ("Swin's stage-three blocks step apart from the reference's (cause open: "
+               "docs/quantization.md)")
 
 
 class Run(NamedTuple):
@@ -121,14 +125,14 @@ def noise(r: Run, key: str, shape: tuple) -> np.ndarray:
 
 @contextlib.contextmanager
 def swin_stage3(r: Run, stage: str) -> Iterator[None]:
-  """Expects Swin's stage three to fail (SWIN_EMBED), strictly: once it holds, this fails."""
+  """Expects Swin's stage three to fail (SWIN_STAGE3), strictly: once it holds, this fails."""
   if r.name != "swin" or stage != "stage3":
     yield
     return
   try:
     yield
   except AssertionError:
-    pytest.xfail(SWIN_EMBED)
+    pytest.xfail(SWIN_STAGE3)
   pytest.fail("Swin's stage three now equals the reference: drop the expected failure")
 
 
@@ -170,6 +174,20 @@ def test_parameters_equal_reference(run, stage):
   (cosine >= 0.999, float-noise elements aside) with the noise elements inside Adam's bound."""
   with swin_stage3(run, stage):
     hold_parameters(run, stage)
+
+
+def test_swin_patch_embedding_steps_as_the_reference(run):
+  """Stage three's patch-embedding update on its own (the rest of Swin's stage three is an
+  expected failure): matched before its LayerNorm, as the reference's conv, its direction
+  holds (after the LayerNorm it was cosine 0.86 / 0.48)."""
+  got, want = T.flat(run.params["stage3"]), ref_params(run, "stage3")
+  start, want_start = T.flat(run.params["stage2"]), ref_params(run, "stage2")
+  keys = [k for k in want if k.startswith("patch_embed/") and not k.startswith("patch_embed/norm")]
+  assert keys
+  for key in keys:
+    d_got = np.asarray(got[key], np.float64) - np.asarray(start[key], np.float64)
+    d_want = np.asarray(want[key], np.float64) - np.asarray(want_start[key], np.float64)
+    assert P.cosine(d_got, d_want) >= 0.999, (key, P.cosine(d_got, d_want))
 
 
 def hold_parameters(run: Run, stage: str) -> None:

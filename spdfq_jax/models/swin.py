@@ -89,10 +89,10 @@ class PatchEmbed(nn.Module):
   matmul_dtype: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, normalize: bool = True) -> jax.Array:
     x = Conv(self.dim, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
                 conv_general_dilated=cast_conv(self.matmul_dtype), name="proj")(x)
-    return nn.LayerNorm(epsilon=self.eps, name="norm")(x)
+    return nn.LayerNorm(epsilon=self.eps, name="norm")(x) if normalize else x
 
 
 class PatchMerging(nn.Module):
@@ -192,6 +192,14 @@ class SwinTransformer(nn.Module):
     if parts[2] == "downsample":
       return stage.merge(x)
     return stage.blocks[int(parts[3])](x)
+
+  def unit_target(self, name: str, x: jax.Array) -> jax.Array:
+    """What reconstruction matches for unit `name`: its output, except for `embed`, whose
+    target is the patch convolution's output before the LayerNorm (I&S-ViT reconstructs
+    the convolution as a layer of its own)."""
+    if name == "embed":
+      return self.patch_embed(self.patch_in(x), normalize=False)
+    return self.run_unit(name, x)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = self.embed(images)

@@ -109,6 +109,13 @@ def units(model: nn.Module) -> list[tuple[str, list[tuple[str, ...]]]]:
   raise TypeError(f"not a zoo model: {type(model).__name__}")
 
 
+def unit_target_method(model: nn.Module, name: str) -> str:
+  """The model method whose output reconstruction matches for unit `name`: 'run_unit' (the
+  unit's output), or 'unit_target' where the reference matches something else (Swin's
+  `embed`: the patch convolution before its LayerNorm)."""
+  return "unit_target" if family(model) == "swin" and name == "embed" else "run_unit"
+
+
 def family(model: nn.Module) -> str:
   """'vit' (ViT and DeiT) or 'swin'."""
   if isinstance(model, VisionTransformer):

@@ -58,15 +58,16 @@ def set_subtree(tree: dict, path: tuple[str, ...], value: Any) -> dict:
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply_unit(module: zoo.Model, name: str, variables: dict, x: jax.Array) -> jax.Array:
-  return module.apply(variables, name, x, method="run_unit")
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _apply_unit(module: zoo.Model, name: str, variables: dict, x: jax.Array,
+                method: str = "run_unit") -> jax.Array:
+  return module.apply(variables, name, x, method=method)
 
 
-def run_unit(module: zoo.Model, variables: dict, name: str, x: jax.Array, chunk_size: int
-             ) -> jax.Array:
-  """One unit over all of x, in chunks."""
-  return jnp.concatenate([_apply_unit(module, name, variables, x[i:i + chunk_size])
+def run_unit(module: zoo.Model, variables: dict, name: str, x: jax.Array, chunk_size: int,
+             method: str = "run_unit") -> jax.Array:
+  """One unit over all of x, in chunks (`method` 'unit_target': what its loss matches)."""
+  return jnp.concatenate([_apply_unit(module, name, variables, x[i:i + chunk_size], method)
                           for i in range(0, x.shape[0], chunk_size)])
 
 
@@ -140,9 +141,12 @@ def reconstruct(module: zoo.Model, params: Any, qstate: dict, wstate: dict,
   for i, (name, paths) in enumerate(units):
     y_fp = run_unit(module, {"params": teacher}, name, x_fp, chunk)
     if i >= start and r.iters > 0:
+      method = zoo.unit_target_method(module, name)
+      target = y_fp if method == "run_unit" else run_unit(module, {"params": teacher}, name,
+                                                          x_fp, chunk, method)
       try:
         student, entry = _train_unit(qmod, name, paths, student, qstate, wstate, cfg,
-                                     x_q, y_fp, i, progress,
+                                     x_q, target, i, progress,
                                      None if draws is None else draws[i])
       except NonFiniteLoss as e:
         raise FloatingPointError(_stop_message(e, units, workdir, mgr, cfg)) from None
@@ -187,12 +191,14 @@ def unit_loss(qmod: zoo.Model, name: str, cfg: ml_collections.FrozenConfigDict, 
               frozen: dict, qstate: dict, wstate: dict, x: jax.Array, y: jax.Array
               ) -> jax.Array:
   """The reconstruction loss of unit `name` with `trainable` set into the `frozen` params:
-  its quantized output on x against the FP targets y (`recon.loss`)."""
+  its quantized output on x (`zoo.unit_target_method`) against the FP targets y
+  (`recon.loss`)."""
   full = frozen
   for p, sub in trainable.items():
     full = set_subtree(full, p, sub)
   qp = weights.quantize_weights(full, wstate, cfg)
-  out = qmod.apply({"params": qp, "quant": qstate}, name, x, method="run_unit")
+  out = qmod.apply({"params": qp, "quant": qstate}, name, x,
+                   method=zoo.unit_target_method(qmod, name))
   if cfg.recon.loss == "sum_dim1":
     return jnp.mean(jnp.sum((out - y) ** 2, axis=1))
   return jnp.mean((out - y) ** 2)
