@@ -227,6 +227,10 @@ def test_counts_and_methods(tmp_path, field, value, match):
     ({"methods": "mimiq", "synth.tv_mode": "target"},
      r"row mimiq: synth.tv_mode 'target': mimiq minimises its TV"),
     ({"methods": "mimiq", "synth.jitter": (1, 2, 3)}, r"row mimiq: synth.jitter \(1, 2, 3\)"),
+    ({"methods": "psaq_v2", "synth.microbatches": 2},
+     r"row psaq_v2: synth.microbatches must be 1 for psaq_v2"),
+    ({"methods": "psaq_v2", "synth.v2_student_lr": 0.0},
+     r"row psaq_v2: synth.v2_student_lr must be > 0"),
 ])
 def test_synthesis_settings_refused_before_any_stage(tmp_path, fields, match):
   """Found from the config and the model's layout alone, before the FP evaluation."""
