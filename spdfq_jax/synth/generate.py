@@ -29,6 +29,8 @@ from spdfq_jax.synth.result import RESULT, SUBDIR, SynthResult, load_result, sav
 from spdfq_jax.synth.step import check_runtime, empty_log, make_step
 
 CONFIG = "config.json"
+# Methods with a loop of their own (check_config, make_plan, invert), not `optimise`.
+OWN_LOOPS = {"smi": smi, "mimiq": mimiq}
 
 
 def _config_json(cfg: ml_collections.ConfigDict) -> str:
@@ -53,17 +55,12 @@ def check_config(cfg: ml_collections.ConfigDict, info: Optional[ModelInfo] = Non
   """Every check of a synthesis config that needs no data (with the model's `info`, also
   those that need its layout), so a run can refuse a bad setting before its first stage:
   a ValueError naming the field."""
-  if cfg.method == "smi":
+  own = OWN_LOOPS.get(cfg.method)
+  if own is not None:  # its plan holds the checks that need the layout
     if info is None:
-      smi.check_config(cfg)
+      own.check_config(cfg)
     else:
-      smi.make_plan(cfg, info)
-    return
-  if cfg.method == "mimiq":
-    if info is None:
-      mimiq.check_config(cfg)
-    else:
-      mimiq.make_plan(cfg, info)
+      own.make_plan(cfg, info)
     return
   if cfg.method == "psaq_v2":
     psaq_v2.check_config(cfg)
