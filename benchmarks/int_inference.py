@@ -2,7 +2,7 @@
 
   python benchmarks/int_inference.py [--models vit_small_patch16_224,...,fmnist_vit]
       [--bits 8,4] [--batches 1,8] [--repeats 7] [--torch /work/venv-torch/bin/python]
-      [--matmul] [--attention_f32] [--round_zero]
+      [--matmul] [--attention_f32] [--round_zero] [--onnx]
 
 Registry models get random weights at 224; the built-in bed models (fmnist_vit,
 fmnist_swin, scenes_vit) their own. Each is quantized at W{b}A{b} (preset 'reparam',
@@ -12,7 +12,10 @@ after one compiling run; the medians are printed with the ratios integer / FP32 
 integer / fake-quant, and the weight bytes each model holds. With --torch, the same timm
 model through PyTorch's dynamic int8 quantization (benchmarks/int_inference_torch.py) in
 that interpreter, after the JAX side (not at the same time, so they do not share the
-cores). --matmul first times one int8 x int8 -> int32 dot_general against float32 on
+cores). --onnx adds, interleaved with the JAX models, the FP32 graph of the same
+dequantized weights and the quantized graph (`deploy.onnx_graph`) in ONNX Runtime, and
+prints the kernels ONNX Runtime ran for the quantized graph (its profiler, one run at the
+largest batch). --matmul first times one int8 x int8 -> int32 dot_general against float32 on
 ViT-B's MLP shape (1576 x 768 x 3072).
 """
 from __future__ import annotations
@@ -61,8 +64,25 @@ def load(name: str):
   return module, jax.tree_util.tree_map(np.asarray, params)
 
 
+def onnx_sessions(qm) -> dict:
+  """name -> logits fn of the FP32 and the quantized ONNX graphs of `qm` (ONNX Runtime)."""
+  from spdfq_jax.deploy import onnx_graph, onnx_runtime  # pylint: disable=g-import-not-at-top
+  parts = integer.quantized_parts(qm)
+  out = {}
+  for key, fp in (("onnx_fp32", True), ("onnx_quantized", False)):
+    sess = onnx_runtime.session(onnx_graph.build(parts, fp=fp))
+    out[key] = lambda x, s=sess: onnx_runtime.logits(s, np.asarray(x))
+  return out
+
+
+def onnx_profile(qm, x: np.ndarray) -> dict:
+  from spdfq_jax.deploy import onnx_graph, onnx_runtime  # pylint: disable=g-import-not-at-top
+  return onnx_runtime.kernels_ran(onnx_graph.build(integer.quantized_parts(qm)), x)
+
+
 def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
-                attention_f32: bool = False, round_zero: bool = False) -> list[dict]:
+                attention_f32: bool = False, round_zero: bool = False,
+                with_onnx: bool = False) -> list[dict]:
   module, params = load(name)
   size, channels = module.img_size, zoo.in_channels(module, params)
   fp32_bytes = sum(4 * np.size(v) for v in jax.tree_util.tree_leaves(params))
@@ -77,8 +97,8 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
     if round_zero:  # the same images, the zero point rounded: one matmul per linear layer
       rcfg = quant.default_config(b, b, preset="reparam", w_method="minmax")
       rcfg.reparam_round_zero = True
-      rounded = integer.from_quantized(quant.quantize(module, params, calib, rcfg,
-                                                      progress=False))
+      rounded_qm = quant.quantize(module, params, calib, rcfg, progress=False)
+      rounded = integer.from_quantized(rounded_qm)
     for batch in batches:
       x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, channels))
       fns = {"fp32": lambda v: fp({"params": params}, v), "fake_quant": qm.logits,
@@ -89,6 +109,10 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
         fns["integer_round_zero"] = rounded.logits
         if attention_f32:  # both steps together
           fns["integer_round_zero_attn_f32"] = _f32_attention_logits(rounded)
+      if with_onnx:
+        fns.update(onnx_sessions(qm))
+        if round_zero:
+          fns["onnx_quantized_round_zero"] = onnx_sessions(rounded_qm)["onnx_quantized"]
       secs = interleaved_medians(fns, x, repeats)
       rows.append({"model": name, "bits": f"w{b}a{b}", "batch": batch,
                    **{f"{k}_img_s": round(batch / s, 2) for k, s in secs.items()},
@@ -96,12 +120,19 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
                    "integer_over_fake_quant": round(secs["fake_quant"] / secs["integer"], 2),
                    **{f"{k}_over_fp32": round(secs["fp32"] / secs[k], 2)
                       for k in ("integer_attn_f32", "integer_round_zero",
-                                "integer_round_zero_attn_f32") if k in secs},
+                                "integer_round_zero_attn_f32", "onnx_fp32", "onnx_quantized",
+                                "onnx_quantized_round_zero") if k in secs},
+                   **({"onnx_quantized_over_onnx_fp32": round(
+                       secs["onnx_fp32"] / secs["onnx_quantized"], 2)} if with_onnx else {}),
                    "fp32_weight_bytes": int(fp32_bytes),
                    "integer_weight_bytes": held["params"] + held["int_kernels"],
                    "fp32_over_integer_bytes": round(
                        fp32_bytes / (held["params"] + held["int_kernels"]), 2)})
       print(json.dumps(rows[-1]), flush=True)
+    if with_onnx:
+      x = np.random.RandomState(1).randn(max(batches), size, size, channels).astype(np.float32)
+      print(json.dumps({"model": name, "bits": f"w{b}a{b}", "batch": max(batches),
+                        "onnx_kernels": onnx_profile(qm, x)}), flush=True)
   return rows
 
 
@@ -154,6 +185,8 @@ def main() -> None:
   p.add_argument("--matmul", action="store_true")
   p.add_argument("--attention_f32", action="store_true",
                  help="also time the integer model with integer.EXACT_FLOAT32_ATTENTION")
+  p.add_argument("--onnx", action="store_true",
+                 help="also time the FP32 and quantized ONNX graphs in ONNX Runtime")
   p.add_argument("--round_zero", action="store_true",
                  help="also time the integer model of the same calibration with "
                       "reparam_round_zero=True (no second matmul for the fractional zero point)")
@@ -169,7 +202,7 @@ def main() -> None:
   for name in names:
     bench_model(name, [int(b) for b in a.bits.split(",")],
                 [int(b) for b in a.batches.split(",")], a.repeats, a.attention_f32,
-                a.round_zero)
+                a.round_zero, a.onnx)
   timm_names = [n for n in names if n in zoo.REGISTRY]
   if a.torch and timm_names:
     subprocess.run([a.torch, os.path.join(ROOT, "benchmarks", "int_inference_torch.py"),

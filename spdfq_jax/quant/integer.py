@@ -450,30 +450,45 @@ def _apply(module: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
   return module.apply(variables, images)
 
 
-def build(module: zoo.Model, params: dict, qstate: dict, kernels: dict,
-          cfg: ml_collections.ConfigDict) -> IntegerModel:
-  """An IntegerModel from flat float params (quantized kernels absent), the activation
-  state and flat {kernel path: (codes, zero, scale)}."""
-  reason = unsupported(cfg, qstate)
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What an integer model (or its ONNX graph) is made of: the FP module, flat float params
+  (quantized kernels absent), the activation quantizer state and flat
+  {kernel path: (codes int32, zero, scale)} with the quantization settings."""
+  module: zoo.Model
+  params: dict
+  quant: dict
+  kernels: dict
+  cfg: ml_collections.ConfigDict
+
+  @property
+  def in_channels(self) -> int:
+    every = {**self.params, **{k: codes for k, (codes, _, _) in self.kernels.items()}}
+    (patch,) = [v for k, v in every.items()
+                if k.startswith("patch_embed/") and k.endswith("kernel")]
+    return int(np.shape(patch)[2])
+
+
+def build(parts: Parts) -> IntegerModel:
+  """The IntegerModel of `parts`."""
+  reason = unsupported(parts.cfg, parts.quant)
   if reason is not None:
     raise ValueError(f"no integer path for this quantized model: {reason}")
-  w = cfg.weights
-  params, ints = dict(params), {}
-  every = {**params, **{k: codes for k, (codes, _, _) in kernels.items()}}
-  (patch,) = [v for k, v in every.items() if k.startswith("patch_embed/") and k.endswith("kernel")]
-  for path, (codes, zero, scale) in kernels.items():
+  w = parts.cfg.weights
+  ints = {}
+  for path, (codes, zero, scale) in parts.kernels.items():
     layer = path[:-len("/kernel")]
     for k, v in kernel_state(codes, zero, scale, w.bits, w.symmetric).items():
       ints[f"{layer}/{k}"] = jnp.asarray(v)
-  variables = {"params": _unflat({k: jnp.asarray(v) for k, v in params.items()}),
-               "quant": jax.tree_util.tree_map(jnp.asarray, qstate),
+  variables = {"params": _unflat({k: jnp.asarray(v) for k, v in parts.params.items()}),
+               "quant": jax.tree_util.tree_map(jnp.asarray, parts.quant),
                INT_KERNELS: _unflat(ints)}
-  return IntegerModel(zoo.with_point(module, int_point_factory(cfg)), variables, cfg,
-                      int(np.shape(patch)[2]))
+  return IntegerModel(zoo.with_point(parts.module, int_point_factory(parts.cfg)), variables,
+                      parts.cfg, parts.in_channels)
 
 
-def from_quantized(qm: Any) -> IntegerModel:
-  """The integer model of a `QuantizedModel` (its kernels are already fake-quantized)."""
+def quantized_parts(qm: Any) -> Parts:
+  """The parts of a `QuantizedModel` (its kernels are already fake-quantized)."""
   w = qm.cfg.weights
   params, ws = _flat(qm.variables["params"]), _flat(qm.variables["wquant"])
   kernels, rest = {}, {}
@@ -483,11 +498,17 @@ def from_quantized(qm: Any) -> IntegerModel:
       kernels[path] = (np.asarray(Q.to_int(value, s, z, w.bits, w.symmetric)), z, s)
     else:
       rest[path] = value
-  return build(qm.module, rest, qm.variables["quant"], kernels, qm.cfg)
+  return Parts(zoo.with_point(qm.module, layers.Point), rest, qm.variables["quant"], kernels,
+               qm.cfg)
 
 
-def load(path: str) -> IntegerModel:
-  """The integer model of a file `export.save` wrote, without dequantizing its kernels."""
+def from_quantized(qm: Any) -> IntegerModel:
+  """The integer model of a `QuantizedModel`."""
+  return build(quantized_parts(qm))
+
+
+def export_parts(path: str) -> Parts:
+  """The parts of a file `export.save` wrote, without dequantizing its kernels."""
   from spdfq_jax.quant import export  # pylint: disable=g-import-not-at-top
   with safe_open(path, framework="numpy") as f:
     meta = json.loads((f.metadata() or {}).get(export.META_KEY, "null"))
@@ -513,7 +534,12 @@ def load(path: str) -> IntegerModel:
     kernels[key] = (codes, tensors[f"wquant/{key}/zero"].reshape(meta["scale_shapes"][key + "/zero"]),
                     tensors[f"wquant/{key}/scale"].reshape(meta["scale_shapes"][key + "/scale"]))
   quant = _unflat({k[len("quant/"):]: v for k, v in tensors.items() if k.startswith("quant/")})
-  return build(native.rebuild(meta), params, quant, kernels, cfg)
+  return Parts(native.rebuild(meta), params, quant, kernels, cfg)
+
+
+def load(path: str) -> IntegerModel:
+  """The integer model of a file `export.save` wrote."""
+  return build(export_parts(path))
 
 
 def eval_logits(qm: Any, use_integer: bool) -> tuple[Callable[[jax.Array], jax.Array], str]:

@@ -3,6 +3,8 @@
   python -m spdfq_jax.tools.infer EXPORTED.safetensors --config=configs/fmnist_w4a4.py
   python -m spdfq_jax.tools.infer EXPORTED.safetensors --config=configs/fmnist_w4a4.py \\
       --time --batch=8 --repeats=7
+  python -m spdfq_jax.tools.infer MODEL.onnx --config=configs/fmnist_w4a4.py \\
+      [--against=EXPORTED.safetensors] [--time]
 
 The file is what the pipeline's export stage writes (`rows/<row>/quantized.safetensors`,
 or `export_to`). Without --time it prints top-1 / top-5 on the config's evaluation data
@@ -12,6 +14,11 @@ the parameters, the file, and the weights the integer model holds in memory. Wit
 it prints images/s of the integer, fake-quant and FP32 forward passes (FP32: the same
 dequantized parameters with the quantizers off) on random images of the model's shape,
 the median of --repeats compiled runs each, measured side by side.
+
+A .onnx file (`spdfq_jax.tools.export_onnx`) runs in ONNX Runtime instead: top-1 / top-5
+on the same data, or images/s with --time. --against=EXPORTED also runs that export's
+integer model on the same images and prints their top-1 agreement and largest logit
+difference (needs the `onnx` extra).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ _PATH = flags.DEFINE_enum("path", "integer", ["integer", "fake"],
 _TIME = flags.DEFINE_bool("time", False, "Time the forward passes instead of evaluating.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per timed forward pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per model (the median is printed).")
+_AGAINST = flags.DEFINE_string("against", None, "With a .onnx file: the export whose integer "
+                               "model it is compared with, image by image.")
 
 
 def median_seconds(fn: Callable[[jax.Array], jax.Array], images: jax.Array, repeats: int
@@ -61,6 +70,53 @@ def sizes(path: str, qm: qmodel.QuantizedModel, im: integer.IntegerModel) -> dic
           "fp32_over_integer": round(fp32 / (held["params"] + held["int_kernels"]), 2)}
 
 
+def eval_data(config, module, in_channels: int) -> Data:
+  """The config's evaluation data, preprocessed for `module`."""
+  if config.data.name in TEST_BEDS:
+    pre = test_bed(config.data.name).preprocessing(in_channels)
+  else:
+    pre = preprocessing_of(config, module, {})
+  data = Data(config, pre, in_channels)
+  data.check(module, need_train=False)
+  return data
+
+
+def run_onnx(path: str, config, time_it: bool, batch: int, repeats: int,
+             against: str | None) -> dict:
+  """Top-1 / top-5 (or images/s) of an exported ONNX graph in ONNX Runtime."""
+  from spdfq_jax.deploy import onnx_runtime  # pylint: disable=g-import-not-at-top
+  sess = onnx_runtime.session(path)
+  module, in_channels, num_classes = onnx_runtime.describe(path)
+  out = {"file": path, "runtime": f"onnxruntime {onnx_runtime.ort.__version__}"}
+  if time_it:
+    images = np.random.RandomState(0).randn(batch, module.img_size, module.img_size,
+                                             in_channels).astype(np.float32)
+    secs = median_seconds(lambda x: onnx_runtime.logits(sess, x), images, repeats)
+    return {**out, "batch": batch, "repeats": repeats, "images_per_s": round(batch / secs, 2)}
+  data = eval_data(config, module, in_channels)
+  batches, total = data.eval_batches()
+  fn = onnx_runtime.jax_logits(sess, num_classes)
+  if against:
+    im = integer.load(against)
+    seen = {"onnx": [], "integer": []}
+    def both(images):
+      seen["integer"].append(np.asarray(im.logits(images)))
+      seen["onnx"].append(onnx_runtime.logits(sess, images))
+      return images
+    batches = ((both(x), y) for x, y in batches)
+  t = time.perf_counter()
+  result = evaluate.evaluate(fn, batches, config.eval.batch_size, total=total, desc="eval onnx")
+  out.update(top1=float(result["top1"]), top5=float(result["top5"]),
+             count=int(result["count"]), seconds=round(time.perf_counter() - t, 1))
+  if against:
+    a, b = np.concatenate(seen["onnx"]), np.concatenate(seen["integer"])
+    out.update(against=against,
+               top1_agreement_pct=round(100 * float(np.mean(a.argmax(1) == b.argmax(1))), 3),
+               max_abs_logit_diff=float(np.abs(a - b).max()),
+               max_abs_logit=float(np.abs(b).max()))
+  return out
+
+
 def run(path: str, config, path_kind: str, time_it: bool, batch: int, repeats: int) -> dict:
   qm = export.load(path)
   im = integer.load(path)
@@ -78,12 +134,7 @@ def run(path: str, config, path_kind: str, time_it: bool, batch: int, repeats: i
                integer_over_fp32=round(secs["fp32"] / secs["integer"], 2),
                integer_over_fake_quant=round(secs["fake-quant"] / secs["integer"], 2))
     return out
-  if config.data.name in TEST_BEDS:
-    pre = test_bed(config.data.name).preprocessing(im.in_channels)
-  else:
-    pre = preprocessing_of(config, qm.module, {})
-  data = Data(config, pre, im.in_channels)
-  data.check(qm.module, need_train=False)
+  data = eval_data(config, qm.module, im.in_channels)
   batches, total = data.eval_batches()
   fn = im.logits if path_kind == "integer" else qm.logits
   t = time.perf_counter()
@@ -96,12 +147,16 @@ def run(path: str, config, path_kind: str, time_it: bool, batch: int, repeats: i
 
 def run_command(argv: list[str]) -> None:
   if len(argv) != 2:
-    sys.exit("usage: python -m spdfq_jax.tools.infer EXPORTED.safetensors --config=CONFIG "
-             "[--time] [--path=integer|fake]")
+    sys.exit("usage: python -m spdfq_jax.tools.infer EXPORTED.safetensors|MODEL.onnx "
+             "--config=CONFIG [--time] [--path=integer|fake] [--against=EXPORTED.safetensors]")
   try:
-    out = run(argv[1], flags.FLAGS.config, _PATH.value, _TIME.value, _BATCH.value,
-              _REPEATS.value)
-  except (InputError, ValueError, FileNotFoundError) as e:
+    if argv[1].endswith(".onnx"):
+      out = run_onnx(argv[1], flags.FLAGS.config, _TIME.value, _BATCH.value, _REPEATS.value,
+                     _AGAINST.value)
+    else:
+      out = run(argv[1], flags.FLAGS.config, _PATH.value, _TIME.value, _BATCH.value,
+                _REPEATS.value)
+  except (InputError, ValueError, FileNotFoundError, ImportError) as e:
     sys.exit(f"error: {e}")
   print(json.dumps(out, indent=1))
 
