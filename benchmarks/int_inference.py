@@ -69,8 +69,11 @@ def onnx_sessions(qm) -> dict:
   from spdfq_jax.deploy import onnx_graph, onnx_runtime  # pylint: disable=g-import-not-at-top
   parts = integer.quantized_parts(qm)
   out = {}
-  for key, fp in (("onnx_fp32", True), ("onnx_quantized", False)):
-    sess = onnx_runtime.session(onnx_graph.build(parts, fp=fp))
+  variants = [("onnx_fp32", True, False), ("onnx_quantized", False, False)]
+  if qm.cfg.weights.bits == 8:  # int8 operands at 8 bits (exact where the kernel sums in int32)
+    variants.append(("onnx_quantized_signed_8bit", False, True))
+  for key, fp, signed in variants:
+    sess = onnx_runtime.session(onnx_graph.build(parts, fp=fp, signed_8bit=signed))
     out[key] = lambda x, s=sess: onnx_runtime.logits(s, np.asarray(x))
   return out
 
@@ -121,7 +124,8 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
                    **{f"{k}_over_fp32": round(secs["fp32"] / secs[k], 2)
                       for k in ("integer_attn_f32", "integer_round_zero",
                                 "integer_round_zero_attn_f32", "onnx_fp32", "onnx_quantized",
-                                "onnx_quantized_round_zero") if k in secs},
+                                "onnx_quantized_round_zero", "onnx_quantized_signed_8bit")
+                      if k in secs},
                    **({"onnx_quantized_over_onnx_fp32": round(
                        secs["onnx_fp32"] / secs["onnx_quantized"], 2)} if with_onnx else {}),
                    "fp32_weight_bytes": int(fp32_bytes),

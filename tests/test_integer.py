@@ -19,7 +19,8 @@ from tests import parity_util
 BITS = (8, 6, 4, 3)
 
 
-@pytest.fixture(scope="module", params=parity_util.FIXTURES)
+@pytest.fixture(scope="module", params=[
+    "vit", "deit_distilled", pytest.param("swin", marks=pytest.mark.slow)])
 def fixture(request):
   module, path, ref = parity_util.fixture(request.param)
   module, params = models.load(module, path)

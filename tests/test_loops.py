@@ -188,7 +188,7 @@ def test_mimiq_nan_names_its_step():
     _run_mimiq(cfg, plan=dataclasses.replace(plan, lr=lr))
 
 
-@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("family", ["vit", pytest.param("swin", marks=pytest.mark.slow)])
 def test_remat_and_microbatches_give_the_same_images(family):
   """SPDFQ (APA, MSR, SL, batch TV) on 5 images: per-block remat, and 2 micro-batches (the
   batch padded to 6, the TV on the whole batch), give the plain step's loss terms at every

@@ -46,6 +46,12 @@ def _quantized(bed, bits, **overrides):
   return quant.quantize(module, params, calib, cfg, progress=False)
 
 
+@pytest.fixture(scope="module")
+def w4a4(beds):
+  """Each fixture model at W4A4 with the default quantizers."""
+  return {name: _quantized(bed, 4) for name, bed in beds.items()}
+
+
 def _check(onnx_logits, int_logits):
   """Every top-1 equal; the logits equal to float rounding on at least 90% of the images
   (a code on a rounding boundary may round the other way in either evaluation)."""
@@ -66,11 +72,11 @@ def _integer_matmuls_per_kernel(model) -> dict:
 
 
 @pytest.mark.parametrize("name", parity_util.FIXTURES)
-def test_graph_equals_integer_model(beds, name, tmp_path):
+def test_graph_equals_integer_model(beds, w4a4, name, tmp_path):
   """W4A4 with the default quantizers (2^e - shift softmax, reparameterised zero point),
   through the export file and the command; every quantized kernel on MatMulInteger, the
   clipped-entry mask on qkv and fc1."""
-  qm = _quantized(beds[name], 4)
+  qm = w4a4[name]
   src = os.path.join(tmp_path, "q.safetensors")
   export.save(src, qm)
   dst = os.path.join(tmp_path, "q.onnx")
@@ -113,10 +119,10 @@ def test_swin_per_channel_reduction_input(beds):
          integer.build(parts).logits(test))
 
 
-def test_fp_graph_equals_fp_model(beds):
+def test_fp_graph_equals_fp_model(beds, w4a4):
   """--fp: the FP32 graph of the dequantized weights against the JAX FP model."""
   for name in ("deit_distilled", "swin"):
-    qm = _quantized(beds[name], 4)
+    qm = w4a4[name]
     fp = quant.qmodel.quant_module(qm.module, qm.cfg, "fp")
     test = beds[name][3]
     want = np.asarray(fp.apply({"params": qm.variables["params"]}, test))
@@ -126,29 +132,31 @@ def test_fp_graph_equals_fp_model(beds):
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
-def test_integer_kernels_run(beds):
-  """ONNX Runtime's profile: the quantized layers run on its integer GEMM."""
-  qm = _quantized(beds["vit"], 4)
+def test_integer_kernels_run(beds, w4a4):
+  """ONNX Runtime's profile: every quantized matmul (4 layers, 2 masks and the scores per
+  block, the head) runs on its fused integer GEMM, MatMulIntegerToFloat."""
+  qm = w4a4["vit"]
   ran = onnx_runtime.kernels_ran(onnx_graph.build(integer.quantized_parts(qm)),
                                  beds["vit"][3][:2])
-  integer_ops = {k: v for k, v in ran.items() if k.startswith("MatMulInteger")}
-  assert sum(v["nodes"] for v in integer_ops.values()) == 7 * qm.module.depth + 1, ran
+  assert ran["MatMulIntegerToFloat"]["nodes"] == 7 * qm.module.depth + 1, ran
+  assert "MatMulInteger" not in ran, ran  # none left unfused
 
 
-@pytest.mark.parametrize("bits,dtype,codes", [(4, np.int8, (0, 15)), (7, np.int8, (0, 127)),
-                                               (8, np.uint8, (0, 255))])
-def test_weight_operand(bits, dtype, codes):
+@pytest.mark.parametrize("bits,dtype,codes,signed", [
+    (4, np.int8, (0, 15), False), (7, np.int8, (0, 127), False), (8, np.uint8, (0, 255), False),
+    (8, np.int8, (0, 255), True)])
+def test_weight_operand(bits, dtype, codes, signed):
   """Codes keep their differences to the zero point; below 8 bits they are int8 centred on
   the grid (|w| <= 64: no int16 pair sum can saturate), at 8 bits uint8."""
   q = np.array([[codes[0], codes[1]], [codes[1], codes[0]]])
   zero = np.array([3, codes[1] - 2])
-  w, wz = onnx_graph.weight_operand(q, zero, bits, "k")
+  w, wz = onnx_graph.weight_operand(q, zero, bits, "k", signed)
   assert w.dtype == dtype and wz.dtype == dtype
   np.testing.assert_array_equal(w.astype(int) - wz.astype(int), q - zero)
   if bits <= 7:
     assert np.abs(w.astype(int)).max() <= 64
   with pytest.raises(ValueError, match="do not fit"):
-    onnx_graph.weight_operand(q, np.array([codes[1] + 200, 0]), bits, "k")
+    onnx_graph.weight_operand(q, np.array([codes[1] + 200, 0]), bits, "k", signed)
 
 
 def test_commands(beds, tmp_path):

@@ -21,7 +21,7 @@ from spdfq_jax.synth import objective as objective_lib
 from spdfq_jax.synth import plan as plan_lib
 
 
-@pytest.fixture(scope="module", params=["vit", "swin"])
+@pytest.fixture(scope="module", params=["vit", pytest.param("swin", marks=pytest.mark.slow)])
 def case(request):
   return (request.param,) + parity_util.psaq_case(request.param)
 

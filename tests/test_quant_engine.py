@@ -31,7 +31,7 @@ def images():
   return np.random.RandomState(0).randn(N, 32, 32, 3).astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=["vit", "swin"])
+@pytest.fixture(scope="module", params=["vit", pytest.param("swin", marks=pytest.mark.slow)])
 def model(request, images):
   module = _tiny(request.param)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images[:1])["params"]

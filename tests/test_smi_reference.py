@@ -76,6 +76,7 @@ def test_plan_kinds_and_token_counts_equal_reference(case):
   assert plan.final_keep == ref["final_top"].shape[1] == ref["calib_index"].shape[1] == 17
 
 
+@pytest.mark.slow
 def test_each_step_keeps_the_reference_tokens(case):
   """Step by step from the reference's start: the token indices each forward uses (after
   the jitter's remap, and after each ranking) equal the reference's, and each step's CE and

@@ -74,6 +74,8 @@ def mimiq_reference(tmp_path_factory):
 METHODS = {"spdfq": ("reference", {}), "smi": ("smi_reference", synth_child.SMI),
            "psaq_v2": ("v2_reference", synth_child.PSAQ_V2),
            "mimiq": ("mimiq_reference", synth_child.MIMIQ)}
+# SPDFQ in the default suite, the other methods in the slow tier (./run test-slow).
+ONE_FAST = [m if m == "spdfq" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
 
 
 def test_outputs(reference):
@@ -102,7 +104,7 @@ def test_outputs(reference):
     synth.generate(synth_child.tiny_vit(), None, synth_child.tiny_config(seed=1), workdir=workdir)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ONE_FAST)
 def test_four_devices_padded_batch_equals_one_device(method, request, tmp_path):
   fixture, overrides = METHODS[method]
   _, ref = request.getfixturevalue(fixture)
@@ -117,7 +119,7 @@ def test_four_devices_padded_batch_equals_one_device(method, request, tmp_path):
     np.testing.assert_array_equal(got.kept_patches, ref.kept_patches)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ONE_FAST)
 def test_killed_run_resumes_to_the_same_images(method, request, tmp_path):
   fixture, overrides = METHODS[method]
   _, ref = request.getfixturevalue(fixture)

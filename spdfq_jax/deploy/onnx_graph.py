@@ -14,8 +14,9 @@ zero point is not. What stays float (docs/deployment.md lists each with its cost
 - I&S-ViT's reparameterised zero point z + frac is not an integer: as in the integer model,
   the entries clipped to the grid's ends add one more `MatMulInteger` on their 0/1 mask
   (qkv and fc1 by default);
-- post-softmax levels off a uniform grid (ias_log2, log2, log-sqrt2) are computed in float
-  and `attn @ v` is a float MatMul on the dequantized v (the integer model splits it into
+- post-softmax levels off a uniform grid (ias_log2, log2, log-sqrt2): the integer code is
+  computed in float and its level looked up in a table, and `attn @ v` is a float MatMul
+  on the dequantized v (the integer model splits it into
   int8 chunks; here it is about 2% of ViT-B's multiply-adds);
 - a layer whose input is kept FP (the image, by default) runs in float on its dequantized
   kernel; LayerNorm, softmax, GELU and the residual adds are float, as everywhere.
@@ -23,6 +24,8 @@ zero point is not. What stays float (docs/deployment.md lists each with its cost
 8-bit weights are uint8 operands: on CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel
 sums pairs of products in int16 (vpmaddubsw), which saturates for 8-bit weights; up to 7
 bits no pair can (2 * 255 * 64 < 2^15), so those run on the faster signed kernel.
+`signed_8bit=True` (export_onnx --signed_8bit) takes the signed kernel at 8 bits too, for
+CPUs with VNNI or AMX.
 
 `build(parts)` gives the quantized graph; `build(parts, fp=True)` the FP32 graph of the
 same (dequantized) weights, for comparison. The graph takes NHWC float images, as the JAX
@@ -103,8 +106,8 @@ Value = Union[str, Codes]
 class Writer:
   """Writes one model's graph from its `integer.Parts` (fp: the FP32 graph instead)."""
 
-  def __init__(self, parts: integer.Parts, fp: bool = False):
-    self.p, self.fp, self.g = parts, fp, Graph()
+  def __init__(self, parts: integer.Parts, fp: bool = False, signed_8bit: bool = False):
+    self.p, self.fp, self.signed_8bit, self.g = parts, fp, signed_8bit, Graph()
     self.quant = integer._flat(parts.quant)  # pylint: disable=protected-access
     self.float_kernels = {}  # FP graph or FP-input layers: dequantized kernels
     for path, (codes, zero, scale) in parts.kernels.items():
@@ -167,44 +170,42 @@ class Writer:
     return Codes(u, s, None, (whole + off).astype(np.float64), mask, frac)
 
   def _log_levels(self, x: str, spec: qconfig.PointSpec, state: dict, path: str) -> str:
-    """The dequantized post-softmax levels, as `integer.encode` + `LogCodes.dequantize`."""
+    """The dequantized post-softmax levels, as `integer.encode` + `LogCodes.dequantize`: the
+    integer code computed in float as there, then its level looked up in a table (one
+    `Gather` instead of a power and a select per element)."""
     g = self.g
     f32 = np.float32
     if spec.quantizer == "ias_log2":
       n = 2 ** spec.bits
       shift, lo, hi = (f32(state[k]) for k in ("shift", "lo", "hi"))
       step = max(f32((hi - lo) / f32(n)), f32(Q.EPS))
-      top = np.round(f32(n) * step + lo)
       t = g.op("Div", [g.op("Log", [g.op("Add", [x, g.const(shift, f"{path}/shift")], path)],
                              path), g.const(np.log(f32(2.0)), f"{path}/ln2")], path)
       code = g.op("Round", [g.op("Div", [g.op("Sub", [t, g.const(lo, f"{path}/lo")], path),
                                          g.const(step, f"{path}/step")], path)], path)
       code = g.op("Clip", [code, g.const(f32(0), f"{path}/cmin"), g.const(f32(n), f"{path}/cmax")],
                   path)
-      e = g.op("Round", [g.op("Add", [g.op("Mul", [code, g.const(step, f"{path}/step")], path),
-                                       g.const(lo, f"{path}/lo")], path)], path)
-      # levels more than MAX_EXPONENT below the top one are dropped, as the integer model
-      inside = g.op("Greater", [e, g.const(top - integer.MAX_EXPONENT - 1, f"{path}/floor")],
-                    path)
-      level = g.op("Pow", [g.const(f32(2.0), f"{path}/two"), e], path)
-      level = g.op("Where", [inside, level, g.const(f32(0), f"{path}/zeroval")], path)
-      return g.op("Sub", [level, g.const(shift, f"{path}/shift")], path)
-    step = 1.0 if spec.quantizer == "log2" else 0.5
-    levels = 2 ** spec.bits
-    scale = f32(state["scale"])
-    ratio = g.op("Max", [g.op("Div", [x, g.const(scale, f"{path}/scale")], path),
-                         g.const(f32(2.0 ** -(step * levels + 2)), f"{path}/floor")], path)
-    e = g.op("Round", [g.op("Div", [g.op("Neg", [g.op("Log", [ratio], path)], path),
-                                    g.const(f32(np.log(2.0) * step), f"{path}/ln2step")], path)],
-             path)
-    inside = g.op("Less", [e, g.const(f32(levels), f"{path}/levels")], path)
-    e = g.op("Clip", [e, g.const(f32(0), f"{path}/emin"), g.const(f32(levels - 1), f"{path}/emax")],
-             path)
-    level = g.op("Mul", [g.const(scale, f"{path}/scale"),
-                         g.op("Pow", [g.const(f32(2.0), f"{path}/two"),
-                                      g.op("Mul", [e, g.const(f32(-step), f"{path}/mstep")], path)],
+      # level of code c: 2^e - shift, e = round(c * step + lo); levels more than
+      # MAX_EXPONENT below the top one dropped (0 - shift), as the integer model
+      e = np.round(np.arange(n + 1, dtype=f32) * step + lo).astype(f32)
+      top = np.round(f32(n) * step + lo)
+      table = np.where(top - e <= integer.MAX_EXPONENT, f32(2.0) ** e, f32(0)).astype(f32) - shift
+    else:
+      step = 1.0 if spec.quantizer == "log2" else 0.5
+      levels = 2 ** spec.bits
+      scale = f32(state["scale"])
+      ratio = g.op("Max", [g.op("Div", [x, g.const(scale, f"{path}/scale")], path),
+                           g.const(f32(2.0 ** -(step * levels + 2)), f"{path}/floor")], path)
+      e = g.op("Round", [g.op("Div", [g.op("Neg", [g.op("Log", [ratio], path)], path),
+                                      g.const(f32(np.log(2.0) * step), f"{path}/ln2step")],
                               path)], path)
-    return g.op("Where", [inside, level, g.const(f32(0), f"{path}/zeroval")], path)
+      # e clipped at 0 (x above the scale) and at `levels` (below the last level: 0)
+      code = g.op("Clip", [e, g.const(f32(0), f"{path}/emin"), g.const(f32(levels), f"{path}/emax")],
+                  path)
+      k = np.arange(levels + 1, dtype=f32)
+      table = np.where(k < levels, scale * f32(2.0) ** (f32(-step) * k), f32(0)).astype(f32)
+    index = g.op("Cast", [code], path, to=TensorProto.INT64)
+    return g.op("Gather", [g.const(table, f"{path}/levels"), index], path, axis=0)
 
   def dequantize(self, x: Value, path: str) -> str:
     if isinstance(x, str):
@@ -234,17 +235,10 @@ class Writer:
       y = g.op("MatMul", [self.dequantize(x, layer), g.const(kernel, key)], layer)
       return y if bias is None else g.op("Add", [y, g.const(bias, f"{layer}/bias")], layer)
     codes, w_zero, w_scale = self.p.kernels[key]
-    w, wz = weight_operand(codes, w_zero, self.p.cfg.weights.bits, key)
+    w, wz = weight_operand(codes, w_zero, self.p.cfg.weights.bits, key, self.signed_8bit)
     w_name, wz_name = g.const(w, key, w.dtype), g.const(wz, f"{layer}/kernel_zero", wz.dtype)
     w_scale = np.asarray(w_scale, np.float32).reshape(-1)
-    y = g.op("MatMulInteger", [x.codes, w_name, x.zero or "", wz_name], layer)
-    y = g.op("Mul", [g.op("Cast", [y], layer, to=TensorProto.FLOAT),
-                     g.const(x.scale * w_scale, f"{layer}/requant")], layer)
-    if x.mask is not None:
-      m = g.op("MatMulInteger", [x.mask, w_name, "", wz_name], layer)
-      y = g.op("Add", [y, g.op("Mul", [g.op("Cast", [m], layer, to=TensorProto.FLOAT),
-                                       g.const(-x.frac * x.scale * w_scale, f"{layer}/frac")],
-                               layer)], layer)
+    y = self.int_matmul(x.codes, w_name, x.zero, wz_name, x.scale, w_scale, layer)
     total = np.zeros(w.shape[-1], np.float64) if bias is None else np.asarray(bias, np.float64)
     if x.zero is None:  # sum_k zero_k (w_kn - zw_n), taken off in float with the bias
       centred = w.astype(np.float64) - wz.astype(np.float64)
@@ -252,16 +246,29 @@ class Writer:
           np.float64(x.scale) * w_scale)
     if bias is not None or x.zero is None:
       y = g.op("Add", [y, g.const(total.astype(np.float32), f"{layer}/bias")], layer)
+    if x.mask is not None:
+      y = g.op("Add", [y, self.int_matmul(x.mask, w_name, None, wz_name, -x.frac * x.scale,
+                                          w_scale, f"{layer}/mask")], layer)
     return y
+
+  def int_matmul(self, a: str, b: str, a_zero: Optional[str], b_zero: Optional[str],
+                 a_scale, b_scale, path: str) -> str:
+    """(a - a_zero) @ (b - b_zero) * a_scale * b_scale: MatMulInteger, Cast and a Mul by the
+    product of the two scales, written as a Mul node (ONNX Runtime fuses the four into one
+    MatMulIntegerToFloat kernel, with the bias Add that follows, unless its ConstantFolding
+    pass has folded the scale product first: `onnx_runtime.session` turns that pass off)."""
+    g = self.g
+    y = g.op("MatMulInteger", [a, b, a_zero or "", b_zero or ""], path)
+    scale = g.op("Mul", [g.const(np.float32(a_scale), f"{path}/a_scale"),
+                         g.const(np.asarray(b_scale, np.float32), f"{path}/b_scale")], path)
+    return g.op("Mul", [g.op("Cast", [y], path, to=TensorProto.FLOAT), scale], path)
 
   def matmul(self, a: Value, b: Value, path: str) -> str:
     """a @ b over the last two axes (attention), on integers where both are Codes with
     uint8 zero points and no mask."""
     g = self.g
     if all(isinstance(v, Codes) and v.zero is not None and v.mask is None for v in (a, b)):
-      y = g.op("MatMulInteger", [a.codes, b.codes, a.zero, b.zero], path)
-      return g.op("Mul", [g.op("Cast", [y], path, to=TensorProto.FLOAT),
-                          g.const(a.scale * b.scale, f"{path}/requant")], path)
+      return self.int_matmul(a.codes, b.codes, a.zero, b.zero, a.scale, b.scale, path)
     return g.op("MatMul", [self.dequantize(a, path + "/a"), self.dequantize(b, path + "/b")], path)
 
   def layer_norm(self, x: str, path: str, eps: float) -> str:
@@ -428,15 +435,16 @@ class Writer:
     return x
 
 
-def weight_operand(codes: np.ndarray, zero: np.ndarray, bits: int, path: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def weight_operand(codes: np.ndarray, zero: np.ndarray, bits: int, path: str,
+                   signed_8bit: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(codes, per-column zero point) of a kernel as MatMulInteger's B operand: int8 centred
-  on the grid up to 7 bits, uint8 at 8 bits (the module docstring says why)."""
+  on the grid up to 7 bits, uint8 at 8 bits unless `signed_8bit` (the module docstring
+  says why)."""
   codes = np.asarray(codes, np.int64)
   codes = codes.reshape(-1, codes.shape[-1])  # a conv kernel (HWIO) as (H*W*I, O)
   zero = np.rint(np.asarray(zero, np.float64)).astype(np.int64).reshape(-1)
   zero = np.broadcast_to(zero, (codes.shape[1],))
-  if bits <= 7:
+  if bits <= 7 or signed_8bit:
     shift, dtype, lo, hi = (int(codes.min()) + int(codes.max()) + 1) // 2, np.int8, -128, 127
   else:
     shift, dtype, lo, hi = int(codes.min()), np.uint8, 0, 255
@@ -447,13 +455,16 @@ def weight_operand(codes: np.ndarray, zero: np.ndarray, bits: int, path: str
   return w.astype(dtype), wz.astype(dtype)
 
 
-def build(parts: integer.Parts, fp: bool = False) -> onnx.ModelProto:
-  """The ONNX graph of the quantized model (fp: of its dequantized FP32 weights)."""
+def build(parts: integer.Parts, fp: bool = False, signed_8bit: bool = False
+          ) -> onnx.ModelProto:
+  """The ONNX graph of the quantized model (fp: of its dequantized FP32 weights).
+  `signed_8bit`: 8-bit weights as int8 operands too, faster, exact only where ONNX Runtime's
+  kernel sums in int32 (CPUs with VNNI or AMX, ARM); off by default."""
   if not fp:
     reason = integer.unsupported(parts.cfg, parts.quant)
     if reason is not None:
       raise ValueError(f"no integer path for this quantized model: {reason}")
-  w = Writer(parts, fp)
+  w = Writer(parts, fp, signed_8bit)
   m = parts.module
   logits = w.vit(m) if zoo.family(m) == "vit" else w.swin(m)
   w.g.nodes.append(helper.make_node("Identity", [logits], [OUTPUT], name=OUTPUT))

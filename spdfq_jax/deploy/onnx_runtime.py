@@ -18,8 +18,9 @@ from spdfq_jax.models import native, zoo
 
 def session(model: Union[str, onnx.ModelProto], threads: Optional[int] = None,
             profile_dir: Optional[str] = None) -> ort.InferenceSession:
-  """A CPU session with every graph optimisation on (`threads`: intra-op threads, None =
-  ONNX Runtime's default, one per core)."""
+  """A CPU session with every graph optimisation on but constant folding, which would fold
+  each layer's scale product before the MatMulIntegerToFloat fusion can see it (the graph
+  holds no other constant subgraph). `threads`: intra-op threads, None = one per core."""
   opts = ort.SessionOptions()
   opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
   if threads:
@@ -28,7 +29,8 @@ def session(model: Union[str, onnx.ModelProto], threads: Optional[int] = None,
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(profile_dir, "ort")
   src = model if isinstance(model, str) else model.SerializeToString()
-  return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+  return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"],
+                              disabled_optimizers=["ConstantFolding"])
 
 
 def describe(path: str) -> tuple[zoo.Model, int, int]:
