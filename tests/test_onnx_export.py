@@ -48,8 +48,14 @@ def _quantized(bed, bits, **overrides):
 
 @pytest.fixture(scope="module")
 def w4a4(beds):
-  """Each fixture model at W4A4 with the default quantizers."""
-  return {name: _quantized(bed, 4) for name, bed in beds.items()}
+  """name -> that fixture model at W4A4 with the default quantizers (made once, when first
+  asked for)."""
+  made = {}
+  def get(name):
+    if name not in made:
+      made[name] = _quantized(beds[name], 4)
+    return made[name]
+  return get
 
 
 def _check(onnx_logits, int_logits):
@@ -76,7 +82,7 @@ def test_graph_equals_integer_model(beds, w4a4, name, tmp_path):
   """W4A4 with the default quantizers (2^e - shift softmax, reparameterised zero point),
   through the export file and the command; every quantized kernel on MatMulInteger, the
   clipped-entry mask on qkv and fc1."""
-  qm = w4a4[name]
+  qm = w4a4(name)
   src = os.path.join(tmp_path, "q.safetensors")
   export.save(src, qm)
   dst = os.path.join(tmp_path, "q.onnx")
@@ -122,7 +128,7 @@ def test_swin_per_channel_reduction_input(beds):
 def test_fp_graph_equals_fp_model(beds, w4a4):
   """--fp: the FP32 graph of the dequantized weights against the JAX FP model."""
   for name in ("deit_distilled", "swin"):
-    qm = w4a4[name]
+    qm = w4a4(name)
     fp = quant.qmodel.quant_module(qm.module, qm.cfg, "fp")
     test = beds[name][3]
     want = np.asarray(fp.apply({"params": qm.variables["params"]}, test))
@@ -135,7 +141,7 @@ def test_fp_graph_equals_fp_model(beds, w4a4):
 def test_integer_kernels_run(beds, w4a4):
   """ONNX Runtime's profile: every quantized matmul (4 layers, 2 masks and the scores per
   block, the head) runs on its fused integer GEMM, MatMulIntegerToFloat."""
-  qm = w4a4["vit"]
+  qm = w4a4("vit")
   ran = onnx_runtime.kernels_ran(onnx_graph.build(integer.quantized_parts(qm)),
                                  beds["vit"][3][:2])
   assert ran["MatMulIntegerToFloat"]["nodes"] == 7 * qm.module.depth + 1, ran
