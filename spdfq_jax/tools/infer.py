@@ -84,7 +84,11 @@ def eval_data(config, module, in_channels: int) -> Data:
 def run_onnx(path: str, config, time_it: bool, batch: int, repeats: int,
              against: str | None) -> dict:
   """Top-1 / top-5 (or images/s) of an exported ONNX graph in ONNX Runtime."""
-  from spdfq_jax.deploy import onnx_runtime  # pylint: disable=g-import-not-at-top
+  try:
+    from spdfq_jax.deploy import onnx_runtime  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"running a .onnx file needs the onnx extra: pip install -e \".[onnx]\" "
+                      f"({e})") from e
   sess = onnx_runtime.session(path)
   module, in_channels, num_classes = onnx_runtime.describe(path)
   out = {"file": path, "runtime": f"onnxruntime {onnx_runtime.ort.__version__}"}
@@ -153,6 +157,9 @@ def run_command(argv: list[str]) -> None:
     if argv[1].endswith(".onnx"):
       out = run_onnx(argv[1], flags.FLAGS.config, _TIME.value, _BATCH.value, _REPEATS.value,
                      _AGAINST.value)
+    elif _AGAINST.value:
+      sys.exit("error: --against compares a .onnx file with an export; it was given "
+               f"{argv[1]}")
     else:
       out = run(argv[1], flags.FLAGS.config, _PATH.value, _TIME.value, _BATCH.value,
                 _REPEATS.value)
