@@ -7,8 +7,7 @@ once by the process that starts pytest; the workers and every subprocess inherit
 through the environment, before jax is imported. Tests that need their own cache (a
 restarted child reusing its first run's steps) still set theirs.
 
-Tests marked `slow` are collected first, so that the two workers do not end the run with
-one of them alone on a long end-to-end check.
+Tests marked `slow` form their own tier (`./run test-slow`); `./run test` runs the others.
 """
 import os
 import shutil
@@ -25,6 +24,3 @@ def pytest_unconfigure(config):
   if _OWNER and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["SPDFQ_TEST_XLA_CACHE"], ignore_errors=True)
 
-
-def pytest_collection_modifyitems(config, items):
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
