@@ -45,7 +45,7 @@ def export(src: str, dst: str, fp: bool = False, signed_8bit: bool = False) -> d
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or not _OUTPUT.value:
     sys.exit("usage: python -m spdfq_jax.tools.export_onnx EXPORTED.safetensors -o model.onnx "
-             "[--fp]")
+             "[--fp] [--signed_8bit]")
   try:
     out = export(argv[1], _OUTPUT.value, _FP.value, _SIGNED_8BIT.value)
   except (ImportError, ValueError, FileNotFoundError) as e:
