@@ -5,7 +5,7 @@
 
 Each bed model is quantized (preset 'reparam': calibration and scale reparameterisation;
 reconstruction changes kernels, not the integer path) on 32 training images, exported to
-DIR (kept for `spdfq_jax.tools.infer`), read back by `quant.integer.load`, and both
+DIR (kept for `spdfq_jax.tools.infer`), read back by `quant.integer_model.load`, and both
 models, compiled, classify the whole test set. Printed per row: top-1 agreement, the
 largest |logit difference| (and the largest |logit|), and both accuracies. --onnx also
 writes the export's ONNX graph (`tools.export_onnx`) and runs it in ONNX Runtime on the same
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spdfq_jax import models, quant  # noqa: E402
 from spdfq_jax.data import test_bed  # noqa: E402
 from spdfq_jax.models import zoo  # noqa: E402
-from spdfq_jax.quant import export, integer  # noqa: E402
+from spdfq_jax.quant import export, integer_model  # noqa: E402
 
 BEDS = {"fmnist_vit": "fashion_mnist", "fmnist_swin": "fashion_mnist", "scenes_vit": "scenes"}
 
@@ -41,7 +41,7 @@ def agreement(bed: str, bits: int, out_dir: str, with_onnx: bool = False, batch:
   qm = quant.quantize(module, params, calib, cfg, progress=False)
   path = os.path.join(out_dir, f"{bed}_w{bits}a{bits}.safetensors")
   export.save(path, qm)
-  im = integer.load(path)
+  im = integer_model.load(path)
   x, y = data.load("test", None, channels)
   fq, it = [], []
   for i in range(0, len(x), batch):

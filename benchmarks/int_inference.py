@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from spdfq_jax import models, quant, report  # noqa: E402
 from spdfq_jax.models import convert, zoo  # noqa: E402
-from spdfq_jax.quant import integer  # noqa: E402
+from spdfq_jax.quant import integer, integer_model  # noqa: E402
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_base_patch16_224",
           "swin_small_patch4_window7_224", "fmnist_vit", "fmnist_swin", "scenes_vit")
@@ -67,7 +67,7 @@ def load(name: str):
 def onnx_sessions(qm) -> dict:
   """name -> logits fn of the FP32 and the quantized ONNX graphs of `qm` (ONNX Runtime)."""
   from spdfq_jax.deploy import onnx_graph, onnx_runtime  # pylint: disable=g-import-not-at-top
-  parts = integer.quantized_parts(qm)
+  parts = integer_model.quantized_parts(qm)
   out = {}
   variants = [("onnx_fp32", True, False), ("onnx_quantized", False, False)]
   if qm.cfg.weights.bits == 8:  # int8 operands at 8 bits (exact where the kernel sums in int32)
@@ -80,7 +80,7 @@ def onnx_sessions(qm) -> dict:
 
 def onnx_profile(qm, x: np.ndarray) -> dict:
   from spdfq_jax.deploy import onnx_graph, onnx_runtime  # pylint: disable=g-import-not-at-top
-  return onnx_runtime.kernels_ran(onnx_graph.build(integer.quantized_parts(qm)), x)
+  return onnx_runtime.kernels_ran(onnx_graph.build(integer_model.quantized_parts(qm)), x)
 
 
 def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
@@ -95,13 +95,13 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
   for b in bits:
     cfg = quant.default_config(b, b, preset="reparam", w_method="minmax")
     qm = quant.quantize(module, params, calib, cfg, progress=False)
-    im = integer.from_quantized(qm)
+    im = integer_model.from_quantized(qm)
     held = im.weight_bytes()
     if round_zero:  # the same images, the zero point rounded: one matmul per linear layer
       rcfg = quant.default_config(b, b, preset="reparam", w_method="minmax")
       rcfg.reparam_round_zero = True
       rounded_qm = quant.quantize(module, params, calib, rcfg, progress=False)
-      rounded = integer.from_quantized(rounded_qm)
+      rounded = integer_model.from_quantized(rounded_qm)
     for batch in batches:
       x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, channels))
       fns = {"fp32": lambda v: fp({"params": params}, v), "fake_quant": qm.logits,
@@ -140,7 +140,7 @@ def bench_model(name: str, bits: list[int], batches: list[int], repeats: int,
   return rows
 
 
-def _f32_attention_logits(im: integer.IntegerModel):
+def _f32_attention_logits(im: integer_model.IntegerModel):
   """im's forward, compiled with its attention sums in float32 (bit-identical)."""
   return functools.partial(jax.jit(functools.partial(_with_f32_attention, im.module)),
                            im.variables)

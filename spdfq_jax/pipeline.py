@@ -161,8 +161,8 @@ def run_row(stages: Stages, module, params, config, pre, data: Data, workdir: st
   timings.update(getattr(qmodel, "timings", None) or {})
   if cached is None:
     with timed(timings, "evaluate"):
-      from spdfq_jax.quant import integer  # pylint: disable=g-import-not-at-top
-      logits_fn, eval_path = integer.eval_logits(qmodel, config.eval.integer)
+      from spdfq_jax.quant import integer_model  # pylint: disable=g-import-not-at-top
+      logits_fn, eval_path = integer_model.eval_logits(qmodel, config.eval.integer)
       batches, total = data.eval_batches()
       result = evaluate.evaluate(logits_fn, batches, config.eval.batch_size, total=total,
                                  desc=f"eval {method} W{w_bits}A{a_bits}",

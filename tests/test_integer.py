@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from spdfq_jax import models, quant
-from spdfq_jax.quant import export, integer
+from spdfq_jax.quant import export, integer, integer_model
 from tests import parity_util
 
 BITS = (8, 6, 4, 3)
@@ -61,11 +61,11 @@ def test_integer_model_equals_fake_quant(fixture, tmp_path):
     if bits == 4:
       path = os.path.join(tmp_path, "q.safetensors")
       export.save(path, qm)
-      im = integer.load(path)
+      im = integer_model.load(path)
       _check_integer_kernels(qm, im, bits)
       logits = im.logits(test)
     else:
-      im = integer.from_quantized(qm)
+      im = integer_model.from_quantized(qm)
       logits = im.module.apply(im.variables, test)
     err = _agree(logits, fq)
     assert err <= 2e-6, (name, bits, err)
@@ -98,7 +98,7 @@ def test_other_quantizer_options(fixture, option):
     pytest.skip("one family is enough for the quantizer options")
   for bits in (8, 4):
     qm = _quantized(module, params, calib, bits, **option)
-    im = integer.from_quantized(qm)
+    im = integer_model.from_quantized(qm)
     err = _agree(im.module.apply(im.variables, test), qm.module.apply(qm.variables, test))
     assert err <= 2e-6, (option, bits, err)
 
@@ -135,12 +135,12 @@ def test_unsupported_quantizers_are_refused(fixture):
   if name != "vit":
     pytest.skip("checked on one family")
   qm = _quantized(module, params, calib, 4, softmax_quantizer="shift_log2")
-  assert "shift-log2" in integer.unsupported(qm.cfg, qm.variables["quant"])
+  assert "shift-log2" in integer_model.unsupported(qm.cfg, qm.variables["quant"])
   with pytest.raises(ValueError, match="shift-log2"):
-    integer.from_quantized(qm)
+    integer_model.from_quantized(qm)
   cfg = quant.default_config(4, 4, preset="reparam", reparam=False)
   qm = quant.quantize(module, params, calib, cfg, progress=False)
-  assert "per channel" in integer.unsupported(qm.cfg, qm.variables["quant"])
+  assert "per channel" in integer_model.unsupported(qm.cfg, qm.variables["quant"])
 
 
 def test_float32_attention_sums_are_the_integer_sums(fixture, monkeypatch):
@@ -148,7 +148,7 @@ def test_float32_attention_sums_are_the_integer_sums(fixture, monkeypatch):
   name, module, params, calib, test = fixture
   if name != "vit":
     pytest.skip("checked on one family")
-  im = integer.from_quantized(_quantized(module, params, calib, 8))
+  im = integer_model.from_quantized(_quantized(module, params, calib, 8))
   want = np.asarray(im.module.apply(im.variables, test))
   monkeypatch.setattr(integer, "EXACT_FLOAT32_ATTENTION", True)
   np.testing.assert_array_equal(np.asarray(im.module.apply(im.variables, test)), want)
@@ -172,8 +172,8 @@ def test_infer_command_evaluates_an_export_on_both_paths(tmp_path, monkeypatch):
   config.unlock()
   config.eval.limit, config.eval.batch_size = 32, 32
   calls = []
-  integer_logits = integer.IntegerModel.logits
-  monkeypatch.setattr(integer.IntegerModel, "logits",
+  integer_logits = integer_model.IntegerModel.logits
+  monkeypatch.setattr(integer_model.IntegerModel, "logits",
                       lambda self, x: calls.append(len(x)) or integer_logits(self, x))
   got = {}
   for p in ("integer", "fake"):

@@ -14,7 +14,7 @@ import pytest
 
 from spdfq_jax import quant
 from spdfq_jax.models import zoo
-from spdfq_jax.quant import export, integer
+from spdfq_jax.quant import export, integer_model
 
 IMG = 16
 
@@ -69,12 +69,12 @@ def test_integer_model_with_folded_reduction_and_symmetric_weights(model, bits, 
     assert np.ndim(qs["layers_1/downsample/reduction_in/scale"]) == 0
     assert zero.ndim == 1 and len(np.unique(zero)) > 1
     np.testing.assert_array_equal(zero, np.round(zero))
-  assert integer.unsupported(qm.cfg, qm.variables["quant"]) is None
+  assert integer_model.unsupported(qm.cfg, qm.variables["quant"]) is None
 
   fq = qm.logits(test)
-  err = _agree(integer.from_quantized(qm).logits(test), fq)
+  err = _agree(integer_model.from_quantized(qm).logits(test), fq)
   assert err <= 2e-6, (name, bits, err)
   path = str(tmp_path / "q.safetensors")
   export.save(path, qm)
-  err = _agree(integer.load(path).logits(test), fq)
+  err = _agree(integer_model.load(path).logits(test), fq)
   assert err <= 2e-6, (name, bits, "from the export", err)

@@ -17,9 +17,11 @@ import pytest
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install "
                           "-e '.[onnx]' (./run test installs it)")
 
+import onnx  # noqa: E402
+
 from spdfq_jax import models, quant  # noqa: E402
-from spdfq_jax.deploy import onnx_graph, onnx_runtime  # noqa: E402
-from spdfq_jax.quant import export, integer  # noqa: E402
+from spdfq_jax.deploy import onnx_graph, onnx_layers, onnx_runtime  # noqa: E402
+from spdfq_jax.quant import export, integer_model  # noqa: E402
 from spdfq_jax.tools import export_onnx  # noqa: E402
 from tests import parity_util  # noqa: E402
 
@@ -88,9 +90,9 @@ def test_graph_equals_integer_model(beds, w4a4, name, tmp_path):
   dst = os.path.join(tmp_path, "q.onnx")
   export_onnx.export(src, dst)
   test = beds[name][3]
-  _check(onnx_runtime.logits(onnx_runtime.session(dst), test), integer.load(src).logits(test))
-  model = onnx_graph.onnx.load(dst)
-  parts = integer.export_parts(src)
+  _check(onnx_runtime.logits(onnx_runtime.session(dst), test), integer_model.load(src).logits(test))
+  model = onnx.load(dst)
+  parts = integer_model.export_parts(src)
   quantized = [k for k in parts.kernels if "patch_embed" not in k]  # its input stays FP
   assert _integer_matmuls_per_kernel(model) == {
       k: 2 if k.endswith(("qkv/kernel", "fc1/kernel")) else 1 for k in quantized}
@@ -107,10 +109,10 @@ def test_options_with_their_own_onnx_form(beds):
                           (8, {"w_method": "minmax", "weights.symmetric": True,
                                "a_method": "minmax", "acts.symmetric": True})]:
     qm = _quantized(beds["vit"], bits, **overrides)
-    parts = integer.quantized_parts(qm)
+    parts = integer_model.quantized_parts(qm)
     model = onnx_graph.build(parts)
     _check(onnx_runtime.logits(onnx_runtime.session(model), test),
-           integer.build(parts).logits(test))
+           integer_model.build(parts).logits(test))
     if overrides.get("softmax_quantizer") == "uniform":  # attn @ v on integers too
       assert sum(n.op_type == "MatMulInteger" and "attn_v" in n.name
                  for n in model.graph.node) == qm.module.depth
@@ -119,10 +121,10 @@ def test_options_with_their_own_onnx_form(beds):
 def test_swin_per_channel_reduction_input(beds):
   """Swin's patch-merging input with a zero point per channel (the bias carries it)."""
   qm = _quantized(beds["swin"], 4, **{"acts.reduction_post_ln": True})
-  parts = integer.quantized_parts(qm)
+  parts = integer_model.quantized_parts(qm)
   test = beds["swin"][3]
   _check(onnx_runtime.logits(onnx_runtime.session(onnx_graph.build(parts)), test),
-         integer.build(parts).logits(test))
+         integer_model.build(parts).logits(test))
 
 
 def test_fp_graph_equals_fp_model(beds, w4a4):
@@ -133,7 +135,7 @@ def test_fp_graph_equals_fp_model(beds, w4a4):
     test = beds[name][3]
     want = np.asarray(fp.apply({"params": qm.variables["params"]}, test))
     got = onnx_runtime.logits(onnx_runtime.session(
-        onnx_graph.build(integer.quantized_parts(qm), fp=True)), test)
+        onnx_graph.build(integer_model.quantized_parts(qm), fp=True)), test)
     assert parity_util.rel_err(got, want) < 1e-5
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
@@ -142,7 +144,7 @@ def test_integer_kernels_run(beds, w4a4):
   """ONNX Runtime's profile: every quantized matmul (4 layers, 2 masks and the scores per
   block, the head) runs on its fused integer GEMM, MatMulIntegerToFloat."""
   qm = w4a4("vit")
-  ran = onnx_runtime.kernels_ran(onnx_graph.build(integer.quantized_parts(qm)),
+  ran = onnx_runtime.kernels_ran(onnx_graph.build(integer_model.quantized_parts(qm)),
                                  beds["vit"][3][:2])
   assert ran["MatMulIntegerToFloat"]["nodes"] == 7 * qm.module.depth + 1, ran
   assert "MatMulInteger" not in ran, ran  # none left unfused
@@ -156,13 +158,13 @@ def test_weight_operand(bits, dtype, codes, signed):
   the grid (|w| <= 64: no int16 pair sum can saturate), at 8 bits uint8."""
   q = np.array([[codes[0], codes[1]], [codes[1], codes[0]]])
   zero = np.array([3, codes[1] - 2])
-  w, wz = onnx_graph.weight_operand(q, zero, bits, "k", signed)
+  w, wz = onnx_layers.weight_operand(q, zero, bits, "k", signed)
   assert w.dtype == dtype and wz.dtype == dtype
   np.testing.assert_array_equal(w.astype(int) - wz.astype(int), q - zero)
   if bits <= 7:
     assert np.abs(w.astype(int)).max() <= 64
   with pytest.raises(ValueError, match="do not fit"):
-    onnx_graph.weight_operand(q, np.array([codes[1] + 200, 0]), bits, "k", signed)
+    onnx_layers.weight_operand(q, np.array([codes[1] + 200, 0]), bits, "k", signed)
 
 
 def test_commands(beds, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spdfq_jax.deploy import onnx_graph
+from spdfq_jax.deploy import onnx_graph, onnx_layers
 from spdfq_jax.models import native, zoo
 
 
@@ -46,7 +46,7 @@ def describe(path: str) -> tuple[zoo.Model, int, int]:
 
 
 def logits(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
-  return sess.run([onnx_graph.OUTPUT], {onnx_graph.INPUT: np.asarray(images, np.float32)})[0]
+  return sess.run([onnx_layers.OUTPUT], {onnx_layers.INPUT: np.asarray(images, np.float32)})[0]
 
 
 def jax_logits(sess: ort.InferenceSession, num_classes: int) -> Callable[[jax.Array], jax.Array]:

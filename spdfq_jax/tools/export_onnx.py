@@ -28,18 +28,18 @@ def export(src: str, dst: str, fp: bool = False, signed_8bit: bool = False) -> d
   """Writes the graph of the export at `src` to `dst`; returns what was written."""
   try:
     import onnx  # pylint: disable=g-import-not-at-top
-    from spdfq_jax.deploy import onnx_graph  # pylint: disable=g-import-not-at-top
+    from spdfq_jax.deploy import onnx_graph, onnx_layers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"ONNX export needs the onnx extra: pip install -e \".[onnx]\" ({e})") from e
-  from spdfq_jax.quant import integer  # pylint: disable=g-import-not-at-top
-  model = onnx_graph.build(integer.export_parts(src), fp=fp, signed_8bit=signed_8bit)
+  from spdfq_jax.quant import integer_model  # pylint: disable=g-import-not-at-top
+  model = onnx_graph.build(integer_model.export_parts(src), fp=fp, signed_8bit=signed_8bit)
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   onnx.save(model, dst)
   ops = {}
   for node in model.graph.node:
     ops[node.op_type] = ops.get(node.op_type, 0) + 1
   return {"onnx": dst, "from": src, "graph": "fp32" if fp else "quantized",
-          "bytes": os.path.getsize(dst), "opset": onnx_graph.OPSET, "ops": ops}
+          "bytes": os.path.getsize(dst), "opset": onnx_layers.OPSET, "ops": ops}
 
 
 def main(argv: list[str]) -> None:

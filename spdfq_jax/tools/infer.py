@@ -38,7 +38,7 @@ from spdfq_jax.data import TEST_BEDS, test_bed
 from spdfq_jax.data.dataset import Data
 from spdfq_jax.fp_model import preprocessing_of
 from spdfq_jax.inputs import InputError
-from spdfq_jax.quant import export, integer, qmodel
+from spdfq_jax.quant import export, integer_model, qmodel
 
 _PATH = flags.DEFINE_enum("path", "integer", ["integer", "fake"],
                           "Which model to evaluate: the integer one, or the fake-quant one.")
@@ -61,7 +61,7 @@ def median_seconds(fn: Callable[[jax.Array], jax.Array], images: jax.Array, repe
   return statistics.median(times)
 
 
-def sizes(path: str, qm: qmodel.QuantizedModel, im: integer.IntegerModel) -> dict:
+def sizes(path: str, qm: qmodel.QuantizedModel, im: integer_model.IntegerModel) -> dict:
   """Bytes: FP32 parameters, the export file, the integer model's weights in memory."""
   fp32 = sum(4 * np.size(v) for v in jax.tree_util.tree_leaves(qm.variables["params"]))
   held = im.weight_bytes()
@@ -101,7 +101,7 @@ def run_onnx(path: str, config, time_it: bool, batch: int, repeats: int,
   batches, total = data.eval_batches()
   fn = onnx_runtime.jax_logits(sess, num_classes)
   if against:
-    im = integer.load(against)
+    im = integer_model.load(against)
     seen = {"onnx": [], "integer": []}
     def both(images):
       seen["integer"].append(np.asarray(im.logits(images)))
@@ -123,7 +123,7 @@ def run_onnx(path: str, config, time_it: bool, batch: int, repeats: int,
 
 def run(path: str, config, path_kind: str, time_it: bool, batch: int, repeats: int) -> dict:
   qm = export.load(path)
-  im = integer.load(path)
+  im = integer_model.load(path)
   out = {"file": path, "w_bits": qm.cfg.weights.bits, "a_bits": qm.cfg.acts.bits,
          **sizes(path, qm, im)}
   if time_it:
