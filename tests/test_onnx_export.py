@@ -26,6 +26,7 @@ from spdfq_jax.tools import export_onnx  # noqa: E402
 from tests import parity_util  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_FMNIST = os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,8 @@ def test_weight_operand(bits, dtype, codes, signed):
     onnx_layers.weight_operand(q, np.array([codes[1] + 200, 0]), bits, "k", signed)
 
 
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs the Fashion-MNIST IDX files (./run installs "
+                    "them: apt-get install dataset-fashion-mnist)")
 def test_commands(beds, tmp_path):
   """export_onnx and infer as a user runs them: the Fashion-MNIST demo config's data,
   --against the export's integer model; a file that is not an export is refused."""
