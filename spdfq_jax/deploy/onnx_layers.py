@@ -80,11 +80,17 @@ class Writer:
   def __init__(self, parts: integer_model.Parts, fp: bool = False, signed_8bit: bool = False):
     self.p, self.fp, self.signed_8bit, self.g = parts, fp, signed_8bit, Graph()
     self.quant = flax.traverse_util.flatten_dict(flax.core.unfreeze(parts.quant), sep="/")
-    self.float_kernels = {}  # FP graph or FP-input layers: dequantized kernels
-    for path, (codes, zero, scale) in parts.kernels.items():
+
+  def float_kernel(self, key: str) -> np.ndarray:
+    """The kernel at `key` in float: dequantized where it is quantized (only the FP graph
+    and layers whose input stays FP need it), as (rows, features)."""
+    if key in self.p.kernels:
+      codes, zero, scale = self.p.kernels[key]
       zero = np.rint(np.asarray(zero, np.float32))  # as the integer kernels hold it
-      self.float_kernels[path] = ((np.asarray(codes, np.float32) - zero)
-                                  * np.asarray(scale, np.float32)).astype(np.float32)
+      kernel = (np.asarray(codes, np.float32) - zero) * np.asarray(scale, np.float32)
+    else:
+      kernel = np.asarray(self.p.params[key], np.float32)
+    return kernel.reshape(-1, kernel.shape[-1]).astype(np.float32)
 
   # --- activations -----------------------------------------------------------------------
 
@@ -201,9 +207,8 @@ class Writer:
     key = f"{layer}/kernel"
     bias = self.p.params.get(f"{layer}/bias")
     if isinstance(x, str) or key not in self.p.kernels:
-      kernel = self.float_kernels.get(key, self.p.params.get(key))
-      kernel = np.asarray(kernel, np.float32).reshape(-1, np.shape(kernel)[-1])
-      y = g.op("MatMul", [self.dequantize(x, layer), g.const(kernel, key)], layer)
+      y = g.op("MatMul", [self.dequantize(x, layer), g.const(self.float_kernel(key), key)],
+               layer)
       return y if bias is None else g.op("Add", [y, g.const(bias, f"{layer}/bias")], layer)
     codes, w_zero, w_scale = self.p.kernels[key]
     w, wz = weight_operand(codes, w_zero, self.p.cfg.weights.bits, key, self.signed_8bit)

@@ -49,12 +49,20 @@ def logits(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
   return sess.run([onnx_layers.OUTPUT], {onnx_layers.INPUT: np.asarray(images, np.float32)})[0]
 
 
-def jax_logits(sess: ort.InferenceSession, num_classes: int) -> Callable[[jax.Array], jax.Array]:
+def jax_logits(sess: ort.InferenceSession, num_classes: int,
+               record: Optional[list] = None) -> Callable[[jax.Array], jax.Array]:
   """The session as a function of JAX arrays that also runs inside `jax.jit` (through a
-  host callback), so `evaluate.evaluate` can drive it like the JAX models."""
+  host callback), so `evaluate.evaluate` can drive it like the JAX models. `record`: a list
+  that each call's logits are appended to, in call order."""
+  def run(x: np.ndarray) -> np.ndarray:
+    out = logits(sess, x)
+    if record is not None:
+      record.append(out)
+    return out
+
   def fn(images: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((images.shape[0], num_classes), np.float32)
-    return jax.pure_callback(lambda x: logits(sess, x), out, images)
+    return jax.pure_callback(run, out, images)
   return fn
 
 
